@@ -1,0 +1,25 @@
+# Two commands do everything on a fresh machine: `make run` (the main federated FAR simulation) and `make test`.
+# The venv is (re)built when pyproject.toml changes. torch is installed first and pinned: this machine keeps the
+# CPU wheel of torch 2.13.0 on disk, and an unpinned torch would pull a multi-GB CUDA build.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fedfar-installed
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+.PHONY: setup run test bench
+setup: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/fedfar run configs/quickstart.toml
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -q
+
+bench: $(STAMP)
+	$(VENV)/bin/fedfar bench

@@ -1,0 +1,112 @@
+"""`fedfar bench`: step time and training memory of fine-tuning methods on one model and batch shape, one run.
+
+Every method gets a fresh copy of the same model and the same batch; step time is the median over repeats of
+forward + backward + AdamW step + zero_grad, after warm-up steps. Memory figures are exact (fedfar.memory)
+and need no repeats. Ratios are to the first method (normally `full`) measured in the same run.
+FAR's step time does not depend on which nodes learn, so the bench selects learners at random: no priming.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .far import MethodSpec, apply_bitfit, ffn_sizes, random_learners, reconfigure, get_policy
+from .memory import account
+from .models import load_model
+
+
+def prepare(model: torch.nn.Module, spec: MethodSpec, seed: int = 0, preact_storage: str = "bfloat16") -> None:
+    """Put `model` in the training configuration of `spec` (learners drawn at random for FAR)."""
+    if spec.method == "bitfit":
+        apply_bitfit(model)
+    elif spec.reconfigures:
+        learners = random_learners(ffn_sizes(model), spec.retention, seed)
+        reconfigure(model, learners, get_policy(spec.policy), preact_storage)
+
+
+def random_batch(model: torch.nn.Module, batch_size: int, seq_len: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    vocab = min(model.config.vocab_size, 30522)
+    batch = {
+        "input_ids": torch.randint(1000, vocab, (batch_size, seq_len), generator=gen),
+        "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
+    }
+    if model.config.num_labels == 1:
+        batch["labels"] = torch.rand(batch_size, generator=gen) * 5
+    else:
+        batch["labels"] = torch.randint(0, model.config.num_labels, (batch_size,), generator=gen)
+    return batch
+
+
+def time_steps(model, batch, repeats: int, warmup: int, lr: float = 2e-5) -> list[float]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    model.train()
+    times = []
+    for i in range(warmup + repeats):
+        t0 = time.perf_counter()
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def run_bench(
+    model_ref: str,
+    methods: list[str],
+    batch_size: int = 16,
+    seq_len: int = 128,
+    repeats: int = 5,
+    warmup: int = 1,
+    num_labels: int = 2,
+    preact_storage: str = "bfloat16",
+    seed: int = 0,
+    progress=print,
+) -> list[dict]:
+    specs = [MethodSpec.parse(m) for m in methods]
+    rows = []
+    for spec in specs:
+        model = load_model(model_ref, num_labels, seed=seed)
+        prepare(model, spec, seed, preact_storage)
+        batch = random_batch(model, batch_size, seq_len, seed)
+        mem = account(model, batch)
+        times = time_steps(model, batch, repeats, warmup)
+        row = {"method": spec.label, "step_time_s": statistics.median(times), "step_times_s": times,
+               **mem.as_dict()}
+        rows.append(row)
+        progress(f"  {spec.label:<16} median step {row['step_time_s']:.3f} s   "
+                 f"peak {row['peak_training_bytes'] / 2**20:8.1f} MiB")
+        del model
+    base = rows[0]
+    for row in rows:
+        row["time_ratio"] = row["step_time_s"] / base["step_time_s"]
+        row["memory_ratio"] = row["peak_training_bytes"] / base["peak_training_bytes"]
+        row["saved_ratio"] = row["saved_tensor_bytes"] / base["saved_tensor_bytes"]
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    mib = 2**20
+    head = (f"{'method':<16}{'step s':>8}{'x time':>8}{'peak MiB':>10}{'x mem':>7}{'weights':>9}{'grads':>8}"
+            f"{'optim':>8}{'saved':>8}{'x saved':>8}{'trainable':>12}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['method']:<16}{r['step_time_s']:>8.3f}{r['time_ratio']:>8.2f}{r['peak_training_bytes'] / mib:>10.1f}"
+            f"{r['memory_ratio']:>7.2f}{r['weights_bytes'] / mib:>9.1f}{r['gradient_bytes'] / mib:>8.1f}"
+            f"{r['optimizer_bytes'] / mib:>8.1f}{r['saved_tensor_bytes'] / mib:>8.1f}{r['saved_ratio']:>8.2f}"
+            f"{r['trainable_params']:>12,}"
+        )
+    return "\n".join(lines)
+
+
+def write_json(rows: list[dict], path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(rows, indent=2))

@@ -1,0 +1,177 @@
+"""The `fedfar` command: finetune (central), bench (speed and memory), run (federated simulation)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import fields
+
+
+def _finetune(args: argparse.Namespace) -> None:
+    from .finetune import FinetuneConfig, finetune
+
+    cfg = FinetuneConfig(**{f.name: getattr(args, f.name) for f in fields(FinetuneConfig)})
+    summary = finetune(cfg)
+    final = summary["final"]
+    print(f"\n{summary['task']} {summary['method']} seed {summary['seed']}: "
+          + ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k not in ("epoch", "train_time_s"))
+          + f"  | train {summary['train_time_s']:.0f} s, wall {summary['wall_time_s']:.0f} s")
+    print(f"results: {cfg.out or 'results/finetune/...'} (config.json, metrics.json, model/)")
+
+
+def _bench(args: argparse.Namespace) -> None:
+    import torch
+
+    from .bench import format_table, run_bench, write_json
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = [m for m in args.methods.split(",") if m]
+    print(f"fedfar bench: {args.model}, batch {args.batch_size} x {args.seq_len} tokens, "
+          f"{torch.get_num_threads()} threads, median of {args.repeats} steps after {args.warmup} warm-up")
+    rows = run_bench(args.model, methods, args.batch_size, args.seq_len, args.repeats, args.warmup,
+                     preact_storage=args.preact_storage, seed=args.seed)
+    for r in rows:
+        r.update(model=args.model, batch_size=args.batch_size, seq_len=args.seq_len,
+                 threads=torch.get_num_threads(), preact_storage=args.preact_storage)
+    print()
+    print(format_table(rows))
+    print(f"(x = ratio to {rows[0]['method']}, same run)")
+    if args.json:
+        write_json(rows, args.json)
+        print(f"wrote {args.json}")
+
+
+def _parse_value(text: str):
+    """TOML-ish scalar: true/false, int, float, else string."""
+    if text in ("true", "false"):
+        return text == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text.strip('"')
+
+
+def _run(args: argparse.Namespace) -> None:
+    import json
+    import time
+    from datetime import datetime
+    from pathlib import Path
+
+    from .config import RunConfig
+    from .launch import PROJECT_DIR, run_config_values, run_simulation
+
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: write KEY=VALUE, e.g. --set num-rounds=2")
+        overrides[key.strip()] = _parse_value(value.strip())
+    # Validate the whole run config here, before a SuperLink or Ray starts.
+    values = run_config_values(args.config, overrides)
+    cfg = RunConfig.from_flower(values)
+    name = cfg.run_name or f"{cfg.task}-{cfg.label}-{datetime.now():%Y%m%d-%H%M%S}"
+    overrides["run-name"] = name
+    t0 = time.perf_counter()
+    code = run_simulation(args.config, args.supernodes, args.cpus_per_client, overrides)
+    wall = time.perf_counter() - t0
+    folder = Path(PROJECT_DIR) / cfg.results_dir / name
+    summary_path = folder / "summary.json"
+    if code != 0 or not summary_path.exists():
+        print(f"fedfar run: the run did not complete (exit {code}); partial results, if any: {folder}; "
+              f"logs: {PROJECT_DIR / '.flwr' / 'local-superlink'}", file=sys.stderr)
+        sys.exit(code or 1)
+    s = json.loads(summary_path.read_text())
+    s.update(launcher_wall_s=wall, launcher_overhead_s=wall - s["busy_s"],
+             launcher_overhead_share=(wall - s["busy_s"]) / wall)
+    summary_path.write_text(json.dumps(s, indent=2))
+    metric = s["metric"]
+    print()
+    print(f"{'run':<44}{'dev ' + metric:>12}{'MB up':>10}{'MB down':>10}{'wall s':>9}{'other s':>9}{'other %':>9}")
+    print(f"{name:<44}{s['final_metric']:>12.4f}{s['mb_up']:>10.2f}{s['mb_down']:>10.2f}{wall:>9.0f}"
+          f"{s['launcher_overhead_s']:>9.0f}{100 * s['launcher_overhead_share']:>8.1f}%")
+    print(f"({s['clients']} clients, {s['rounds']} rounds; dev {metric} before training {s['initial_metric']:.4f}. "
+          "'other' = wall time outside local training and evaluation: start-up of Flower and Ray, model "
+          "loading, data preparation, serialization, aggregation)")
+    print(f"results: {folder}  (rounds.csv, ledger.csv, partitions.json, summary.json, metric_vs_round_and_mb.png)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .finetune import FinetuneConfig
+
+    p = argparse.ArgumentParser(prog="fedfar", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = FinetuneConfig()
+    ft = sub.add_parser("finetune", help="fine-tune one model centrally on a GLUE task",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ft.add_argument("--task", default=d.task, help="GLUE task: cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli")
+    ft.add_argument("--model", default=d.model,
+                    help="'minilm' (packaged), a save_pretrained folder, 'random:<shape>', or a hub id")
+    ft.add_argument("--method", default=d.method,
+                    help="full, bitfit, far<pct>[-emb|-attn] or random<pct>[-emb|-attn], e.g. far10-emb")
+    ft.add_argument("--epochs", type=float, default=d.epochs)
+    ft.add_argument("--batch-size", type=int, default=d.batch_size)
+    ft.add_argument("--lr", type=float, default=d.lr)
+    ft.add_argument("--seed", type=int, default=d.seed)
+    ft.add_argument("--max-length", type=int, default=d.max_length)
+    ft.add_argument("--data", default=d.data, help="'hub', a classic GLUE folder; default: ../shared/data/glue "
+                                                  "or $FEDFAR_GLUE_DIR")
+    ft.add_argument("--max-train-examples", type=int, default=d.max_train_examples, help="0 = all")
+    ft.add_argument("--priming-share", type=float, default=d.priming_share)
+    ft.add_argument("--preact-storage", default=d.preact_storage, choices=["float32", "bfloat16", "recompute"],
+                    help="how FAR's frozen branch keeps its pre-activation for backward")
+    ft.add_argument("--out", default=d.out, help="results folder (default results/finetune/<task>-<method>-seed<s>)")
+    ft.add_argument("--no-save-model", dest="save_model", action="store_false")
+    ft.set_defaults(func=_finetune)
+
+    b = sub.add_parser("bench", help="step time and training memory of methods, one model and batch shape",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b.add_argument("--model", default="random:distilbert-base")
+    b.add_argument("--methods", default="full,far10,far10-emb,far10-attn,random10-emb,bitfit",
+                   help="comma-separated; ratios are to the first")
+    b.add_argument("--batch-size", type=int, default=16)
+    b.add_argument("--seq-len", type=int, default=128)
+    b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--warmup", type=int, default=1)
+    b.add_argument("--preact-storage", default="bfloat16", choices=["float32", "bfloat16", "recompute"])
+    b.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--json", default="", help="write the rows as a JSON list to this path")
+    b.set_defaults(func=_bench)
+
+    r = sub.add_parser("run", help="a federated simulation of the Flower app (Ray), with its summary",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r.add_argument("config", nargs="?", default="configs/quickstart.toml", help="run-config TOML")
+    r.add_argument("--supernodes", type=int, default=6, help="simulated devices (= data partitions)")
+    r.add_argument("--cpus-per-client", type=int, default=1, help="Ray CPUs per ClientApp (whole number)")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a run-config key, e.g. --set num-rounds=2 (repeatable)")
+    r.set_defaults(func=_run)
+    return p
+
+
+def _quiet_libraries() -> None:
+    """Our own progress bars say what is happening; the libraries' per-file bars only bury them."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"fedfar: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Flower ClientApp: one simulated edge device. Thin: the work is in fedfar.local."""
+from __future__ import annotations
+
+import time
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from . import exchange
+from .config import RunConfig
+from .data import get_task, make_loader
+from .deltas import decode, encode, reconstruction_error
+from .local import CACHE, choose_learners, evaluate, local_update, prime_scores, priming_steps
+
+app = ClientApp()
+
+
+def _setup(msg: Message, context: Context):
+    cfg = RunConfig.from_flower(context.run_config)
+    pid = int(context.node_config["partition-id"])
+    num = int(context.node_config["num-partitions"])
+    server_round = int(msg.content["config"]["server-round"]) if "config" in msg.content else 0
+    seed = cfg.seed + 7919 * pid + server_round
+    model = CACHE.model(cfg)
+    train_ds, held_out = CACHE.partition(cfg, pid, num)
+    loader = make_loader(train_ds, CACHE.tokenizer(cfg), cfg.batch_size, shuffle=True, seed=seed)
+    return cfg, pid, seed, model, loader, held_out
+
+
+@app.train("prime")
+def prime(msg: Message, context: Context) -> Message:
+    """Global mask mode, round 0: prime on local data and send node scores (no weights)."""
+    cfg, pid, seed, model, loader, _ = _setup(msg, context)
+    start = time.time()
+    scores = prime_scores(model, loader, priming_steps(cfg, len(loader)), cfg, seed)
+    metrics = MetricRecord({"num-examples": len(loader.dataset), "partition-id": pid,
+                            "prime-start": start, "prime-end": time.time()})
+    record = encode({f"scores.{i}": s.float() for i, s in enumerate(scores)}, "float32")
+    return Message(RecordDict({"scores": record, "metrics": metrics}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Fine-tune on the received trainable part; reply with the delta of the trainable tensors only."""
+    cfg, pid, seed, model, loader, _ = _setup(msg, context)
+    plan = exchange.plan_for(model, cfg.spec)
+    part_down = decode(msg.content["part"])
+    rows = exchange.part_rows(part_down, plan)
+    start = time.time()  # wall-clock, so the server can tell training time from everything else
+    if plan.sliced and cfg.mask_mode == "local":
+        if "learners" not in context.state:  # first participation: pick this device's own learners
+            learners = choose_learners(model, loader, cfg, seed)
+            context.state["learners"] = ArrayRecord({f"{i}": l.numpy() for i, l in enumerate(learners)})
+        stored = context.state["learners"]
+        rows = [torch.from_numpy(stored[f"{i}"].numpy()).long() for i in range(len(plan.ffn))]
+    delta, metrics = local_update(model, part_down, plan, rows, loader, cfg, seed)
+    metrics.update({"train-start": start, "train-end": time.time()})
+    if plan.sliced and cfg.mask_mode == "global":
+        delta = {k: v for k, v in delta.items() if not k.endswith(".rows")}  # the server knows its mask
+    record = encode(delta, cfg.codec)
+    error = reconstruction_error(delta, decode(record)) if cfg.codec != "float32" else {"max_abs": 0.0, "rel_l2": 0.0}
+    metrics.update({"num-examples": len(loader.dataset), "partition-id": pid,
+                    "codec-rel-l2": error["rel_l2"], "codec-max-abs": error["max_abs"]})
+    return Message(RecordDict({"delta": record, "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_local(msg: Message, context: Context) -> Message:
+    """Federated evaluation: the global model on this device's held-out share."""
+    cfg, pid, _, model, _, held_out = _setup(msg, context)
+    if held_out is None:
+        return Message(RecordDict({"metrics": MetricRecord({"num-examples": 0, "partition-id": pid})}),
+                       reply_to=msg)
+    plan = exchange.plan_for(model, cfg.spec)
+    exchange.write(model.state_dict(), decode(msg.content["part"]), plan)
+    start = time.time()
+    metrics = evaluate(model, held_out, CACHE.tokenizer(cfg), get_task(cfg.task))
+    metrics.update({"num-examples": len(held_out), "partition-id": pid, "eval-start": start, "eval-end": time.time()})
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+

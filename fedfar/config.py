@@ -1,0 +1,118 @@
+"""The federated run configuration: one dataclass, read once from Flower's run config and validated up front.
+
+Defaults live in pyproject.toml's [tool.flwr.app.config]; configs/*.toml override them
+(`flwr run . --run-config configs/X.toml`). Keys use Flower's dashed style.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from .data import PARTITION_SCHEMES, default_glue_dir, get_task
+from .deltas import CODECS
+from .far import PREACT_STORAGE, MethodSpec
+
+MASK_MODES = ("global", "local")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    task: str = "cola"
+    model: str = "minilm"
+    data: str = ""                 # "" = local GLUE folder (../shared/data/glue or $FEDFAR_GLUE_DIR), "hub", or a path
+    method: str = "far10-emb"      # full | bitfit | far<pct>[-emb|-attn] | random<pct>[-emb|-attn]
+    mask_mode: str = "global"      # global: server picks learners from aggregated scores; local: each client
+    codec: str = "float32"         # uplink delta encoding: float32 | float16 | bfloat16 | int8
+    num_rounds: int = 3
+    fraction_train: float = 1.0
+    local_epochs: float = 1.0
+    batch_size: int = 32
+    lr: float = 5e-5
+    max_length: int = 64
+    priming_share: float = 0.01    # of a client's local steps over the whole run (at least one step)
+    preact_storage: str = "bfloat16"
+    partitioner: str = "iid"
+    alpha: float = 0.5
+    shards_per_partition: int = 2
+    partition_seed: int = 42
+    max_train_examples: int = 0    # per client; 0 = its whole partition
+    dev_examples: int = 0          # server-side evaluation subset; 0 = the whole dev set
+    federated_eval: bool = False
+    eval_share: float = 0.1        # of each partition held out for federated evaluation
+    server_lr: float = 1.0
+    seed: int = 0
+    results_dir: str = "results/runs"
+    run_name: str = ""
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, Any]) -> "RunConfig":
+        """Build from Flower's run config (dashed keys); unknown keys and bad values fail here, before compute."""
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        unknown = sorted(set(run_config) - set(known))
+        if unknown:
+            raise ValueError(f"unknown run-config key(s) {unknown}; valid keys: {', '.join(sorted(known))}")
+        values = {}
+        for key, value in run_config.items():
+            f = known[key]
+            kind = type(getattr(cls, f.name))
+            try:
+                if kind is bool and not isinstance(value, bool):
+                    raise TypeError
+                values[f.name] = kind(value) if kind is not bool else value
+            except (TypeError, ValueError):
+                raise ValueError(f"run-config {key} = {value!r}: expected a {kind.__name__}") from None
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        get_task(self.task)
+        MethodSpec.parse(self.method)
+        checks = [
+            (self.mask_mode in MASK_MODES, f"mask-mode {self.mask_mode!r}: choose {' or '.join(MASK_MODES)}"),
+            (self.codec in CODECS, f"codec {self.codec!r}: choose one of {', '.join(CODECS)}"),
+            (self.partitioner in PARTITION_SCHEMES,
+             f"partitioner {self.partitioner!r}: choose one of {', '.join(PARTITION_SCHEMES)}"),
+            (self.preact_storage in PREACT_STORAGE, f"preact-storage: choose one of {', '.join(PREACT_STORAGE)}"),
+            (self.num_rounds >= 1, "num-rounds must be at least 1"),
+            (0 < self.fraction_train <= 1, "fraction-train must be in (0, 1]"),
+            (self.local_epochs > 0 and self.batch_size > 0 and self.lr > 0,
+             "local-epochs, batch-size and lr must be positive"),
+            (self.alpha > 0, "alpha (Dirichlet concentration) must be positive"),
+            (0 <= self.eval_share < 1, "eval-share must be in [0, 1)"),
+            (0 < self.priming_share <= 1, "priming-share must be in (0, 1]"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        if self.data not in ("", "hub") and not Path(self.data).expanduser().is_dir():
+            raise FileNotFoundError(f"data folder {self.data} does not exist (classic GLUE layout "
+                                    "<dir>/<Task>/train.tsv); use '' for the local default or 'hub'")
+
+    @property
+    def spec(self) -> MethodSpec:
+        return MethodSpec.parse(self.method)
+
+    @property
+    def data_source(self) -> str | Path:
+        if self.data == "hub":
+            return "hub"
+        path = Path(self.data).expanduser() if self.data else default_glue_dir()
+        if not path.is_dir():
+            raise FileNotFoundError(f"GLUE folder {path} does not exist: set run-config data to a classic GLUE "
+                                    "folder, to 'hub', or set FEDFAR_GLUE_DIR")
+        return path
+
+    @property
+    def label(self) -> str:
+        spec = self.spec
+        extra = f"-{self.mask_mode}" if spec.method == "far" else ""
+        return f"{spec.label}{extra}-{self.codec}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    def partition_kwargs(self) -> dict[str, Any]:
+        return dict(scheme=self.partitioner, alpha=self.alpha, seed=self.partition_seed,
+                    shards_per_partition=self.shards_per_partition)

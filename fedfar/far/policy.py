@@ -1,0 +1,116 @@
+"""What trains outside the FFN learner branches: named freeze policies and the fine-tuning methods.
+
+A policy says, for each part of the model that FAR does not reconfigure, whether it trains. The FFN's
+second-layer bias b2 always trains with the learners (it is shared by all nodes of the block).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from .arch import blocks, get_attr, layout_of
+
+
+@dataclass(frozen=True)
+class Policy:
+    embeddings: bool = True  # word/position/token-type tables (their LayerNorm counts as layernorm)
+    attention: bool = True   # Q, K, V and output projections
+    layernorm: bool = True   # every LayerNorm
+    head: bool = True        # everything outside the base model (classifier, pre-classifier) + the pooler
+
+
+POLICIES: dict[str, Policy] = {
+    # The paper: only the non-learner FFN nodes are frozen.
+    "paper": Policy(),
+    # Embedding tables frozen too: their gradient (vocab x hidden) and Adam state are the largest single cost.
+    "frozen-embeddings": Policy(embeddings=False),
+    # Attention frozen as well: FFN learners, LayerNorm and the head train.
+    "frozen-attention": Policy(embeddings=False, attention=False),
+}
+POLICY_ALIASES = {"emb": "frozen-embeddings", "attn": "frozen-attention"}
+
+METHODS = ("full", "far", "random", "bitfit")
+
+
+def get_policy(name: str) -> Policy:
+    name = POLICY_ALIASES.get(name, name)
+    if name not in POLICIES:
+        raise ValueError(f"unknown freeze policy {name!r}: choose one of {', '.join(POLICIES)} "
+                         f"(short forms: {', '.join(POLICY_ALIASES)})")
+    return POLICIES[name]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A fine-tuning method: 'full', 'bitfit', or FAR / random selection at a retention under a policy."""
+
+    method: str
+    retention: float = 1.0
+    policy: str = "paper"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.method in ("far", "random") and not 0.0 < self.retention <= 1.0:
+            raise ValueError(f"retention must be in (0, 1], got {self.retention}")
+        object.__setattr__(self, "policy", POLICY_ALIASES.get(self.policy, self.policy))
+        get_policy(self.policy)
+
+    @property
+    def reconfigures(self) -> bool:
+        return self.method in ("far", "random")
+
+    @property
+    def label(self) -> str:
+        if not self.reconfigures:
+            return self.method
+        suffix = {"paper": "", "frozen-embeddings": "-emb", "frozen-attention": "-attn"}[self.policy]
+        return f"{self.method}{round(self.retention * 100):d}{suffix}"
+
+    @classmethod
+    def parse(cls, text: str) -> "MethodSpec":
+        """'full', 'bitfit', 'far10', 'far40-emb', 'random10-attn' -> MethodSpec."""
+        m = re.fullmatch(r"(full|bitfit)|(far|random)(\d+(?:\.\d+)?)(?:-(emb|attn|paper))?", text.strip().lower())
+        if not m:
+            raise ValueError(f"cannot read method {text!r}: write full, bitfit, far<retention %>[-emb|-attn] "
+                             "or random<retention %>[-emb|-attn], e.g. far10-emb")
+        if m.group(1):
+            return cls(m.group(1))
+        return cls(m.group(2), float(m.group(3)) / 100.0, m.group(4) or "paper")
+
+
+def _is_layernorm(module: nn.Module) -> bool:
+    return isinstance(module, nn.LayerNorm) or "layernorm" in type(module).__name__.lower()
+
+
+def apply_policy(model: nn.Module, policy: Policy) -> None:
+    """Set requires_grad on every tensor outside the FFN blocks. FFN tensors are left as they are."""
+    layout = layout_of(model)
+    base = model.base_model
+    ffn_params: set[int] = set()
+    for block in blocks(model):
+        for path in (layout.fc1, layout.fc2):
+            ffn_params.update(id(p) for p in get_attr(block, path).parameters())
+    groups: list[tuple[bool, list[nn.Parameter]]] = [
+        (policy.head, [p for n, p in model.named_parameters() if not n.startswith(model.base_model_prefix + ".")]),
+        (policy.embeddings, list(get_attr(base, layout.embeddings).parameters())),
+        (policy.attention, [p for b in blocks(model) for p in get_attr(b, layout.attention).parameters()]),
+    ]
+    pooler = getattr(base, "pooler", None)
+    if pooler is not None:
+        groups.append((policy.head, list(pooler.parameters())))
+    # LayerNorm last: it overrides the groups it sits in (embeddings and attention own LayerNorms).
+    groups.append((policy.layernorm, [p for m in model.modules() if _is_layernorm(m) for p in m.parameters(False)]))
+    for trains, params in groups:
+        for p in params:
+            if id(p) not in ffn_params:
+                p.requires_grad_(trains)
+
+
+def apply_bitfit(model: nn.Module) -> None:
+    """BitFit (Ben Zaken et al., 2022): only bias terms train, plus the task head."""
+    prefix = model.base_model_prefix + "."
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith("bias") or not name.startswith(prefix))

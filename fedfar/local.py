@@ -1,0 +1,124 @@
+"""One device's work in a round, plain torch: prime and score, or fine-tune on a received part and return a delta.
+
+A worker process (a Ray actor in simulation, a SuperNode's ClientApp process in deployment) serves many rounds
+and, in simulation, many clients: the pretrained model and each tokenized partition are loaded once per
+worker and reused (`WorkerCache`), never once per round.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import exchange
+from .config import RunConfig
+from .data import compute_metrics, get_task, load_glue, load_partition, make_loader, tokenize
+from .far import MethodSpec, ffn_sizes, ffn_weights, merge, node_scores, random_learners, select_learners
+from .models import load_model, load_tokenizer
+from .train import TrainConfig, predict, train
+
+
+@dataclass
+class WorkerCache:
+    models: dict = field(default_factory=dict)      # (model ref, num_labels, seed) -> (model, pristine state)
+    tokenizers: dict = field(default_factory=dict)
+    partitions: dict = field(default_factory=dict)  # (...) -> (train tokenized, eval tokenized | None)
+
+    def model(self, cfg: RunConfig) -> torch.nn.Module:
+        """The pretrained model, reset to its pristine weights (a device holds the checkpoint)."""
+        task = get_task(cfg.task)
+        key = (cfg.model, task.num_labels, cfg.seed)
+        if key not in self.models:
+            model = load_model(cfg.model, task.num_labels, seed=cfg.seed)
+            self.models[key] = (model, {k: v.clone() for k, v in model.state_dict().items()})
+        model, pristine = self.models[key]
+        merge(model)  # a previous round may have failed mid-way while reconfigured
+        model.load_state_dict(pristine)
+        return model
+
+    def tokenizer(self, cfg: RunConfig):
+        if cfg.model not in self.tokenizers:
+            self.tokenizers[cfg.model] = load_tokenizer(cfg.model)
+        return self.tokenizers[cfg.model]
+
+    def partition(self, cfg: RunConfig, partition_id: int, num_partitions: int):
+        key = (cfg.task, str(cfg.data_source), cfg.model, cfg.max_length, partition_id, num_partitions,
+               cfg.max_train_examples, cfg.eval_share if cfg.federated_eval else 0.0,
+               tuple(sorted(cfg.partition_kwargs().items())))
+        if key not in self.partitions:
+            task = get_task(cfg.task)
+            ds = load_partition(load_glue(task, "train", cfg.data_source), partition_id, num_partitions,
+                                **cfg.partition_kwargs())
+            held_out = None
+            if cfg.federated_eval and cfg.eval_share > 0 and len(ds) >= 10:
+                split = ds.train_test_split(test_size=cfg.eval_share, seed=cfg.partition_seed)
+                ds, held_out = split["train"], split["test"]
+            if cfg.max_train_examples:
+                ds = ds.select(range(min(cfg.max_train_examples, len(ds))))
+            tok = self.tokenizer(cfg)
+            self.partitions[key] = (tokenize(ds, tok, task, cfg.max_length),
+                                    tokenize(held_out, tok, task, cfg.max_length) if held_out else None)
+        return self.partitions[key]
+
+
+CACHE = WorkerCache()
+
+
+def train_config(cfg: RunConfig, seed: int) -> TrainConfig:
+    return TrainConfig(lr=cfg.lr, seed=seed, priming_share=cfg.priming_share, preact_storage=cfg.preact_storage)
+
+
+def priming_steps(cfg: RunConfig, steps_per_round: int) -> int:
+    """Priming length: `priming_share` of the client's local steps over the whole run, at least one."""
+    return max(1, round(cfg.priming_share * steps_per_round * cfg.num_rounds))
+
+
+def prime_scores(model: torch.nn.Module, loader, steps: int, cfg: RunConfig, seed: int) -> list[torch.Tensor]:
+    """Train fully for `steps` steps and return each FFN node's L1 weight movement. The model is restored."""
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    before = ffn_weights(model)
+    train(model, loader, MethodSpec("full"), epochs=steps / len(loader), cfg=train_config(cfg, seed))
+    scores = node_scores(before, ffn_weights(model))
+    model.load_state_dict(saved)
+    return scores
+
+
+def choose_learners(model, loader, cfg: RunConfig, seed: int) -> list[torch.Tensor]:
+    """A device's own learner mask (local mask mode)."""
+    spec = cfg.spec
+    if spec.method == "random":
+        return random_learners(ffn_sizes(model), spec.retention, seed)
+    scores = prime_scores(model, loader, priming_steps(cfg, len(loader)), cfg, seed)
+    return select_learners(scores, spec.retention)
+
+
+def local_update(
+    model: torch.nn.Module,
+    part_down: dict[str, torch.Tensor],
+    plan: exchange.ExchangePlan,
+    rows: list[torch.Tensor] | None,
+    loader,
+    cfg: RunConfig,
+    seed: int,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Load the received part into the pristine model, fine-tune, and return (delta part, metrics)."""
+    spec = cfg.spec
+    state = model.state_dict()
+    exchange.write(state, part_down, plan)
+    before = exchange.select(state, plan, rows)
+    t0 = time.perf_counter()
+    result = train(model, loader, spec, cfg.local_epochs, train_config(cfg, seed), learners=rows)
+    train_time = time.perf_counter() - t0
+    merge(model)
+    after = exchange.select(model.state_dict(), plan, rows)
+    delta = {k: (after[k] - before[k]) if not k.endswith(".rows") else after[k] for k in after}
+    losses = result["losses"]
+    return delta, {"train-loss": float(sum(losses) / len(losses)), "train-time-s": train_time,
+                   "steps": result["steps"]}
+
+
+def evaluate(model, ds_tok, tokenizer, task, batch_size: int = 128) -> dict[str, float]:
+    logits, labels = predict(model, make_loader(ds_tok, tokenizer, batch_size, shuffle=False))
+    return compute_metrics(task, logits, labels)
+

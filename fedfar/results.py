@@ -1,0 +1,96 @@
+"""A run folder: resolved config, per-round metrics, the byte ledger, partitions, summary and plots.
+
+Rows are appended as JSON lines and flushed as they happen, so a run that dies keeps everything up to its last
+round; CSV copies with cumulative totals and the plots are written at the end (and by `fedfar plot`).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+
+class RunFolder:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def write_json(self, name: str, obj) -> None:
+        (self.path / name).write_text(json.dumps(obj, indent=2, default=_jsonable))
+
+    def _append(self, name: str, rows: list[dict]) -> None:
+        with open(self.path / name, "a") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, default=_jsonable) + "\n")
+
+    def append_round(self, row: dict) -> None:
+        self._append("rounds.jsonl", [row])
+
+    def append_ledger(self, rows: list[dict]) -> None:
+        self._append("ledger.jsonl", rows)
+
+    def write_mask(self, rows, sizes) -> None:
+        self.write_json("mask.json", {"ffn_sizes": sizes, "learners": [r.tolist() for r in rows]})
+
+    def finish(self, summary: dict) -> None:
+        """CSV copies with cumulative byte totals, the summary and the plots."""
+        ledger = read_jsonl(self.path / "ledger.jsonl")
+        if not ledger.empty:
+            ledger["cum_bytes_up"] = ledger["bytes_up"].cumsum()
+            ledger["cum_bytes_down"] = ledger["bytes_down"].cumsum()
+            ledger.to_csv(self.path / "ledger.csv", index=False)
+        rounds = read_jsonl(self.path / "rounds.jsonl")
+        rounds.to_csv(self.path / "rounds.csv", index=False)
+        self.write_json("summary.json", summary)
+        plot_runs([self.path], self.path, summary.get("metric"))
+
+
+def read_jsonl(path: Path) -> pd.DataFrame:
+    if not Path(path).exists():
+        return pd.DataFrame()
+    return pd.read_json(path, lines=True)
+
+
+def plot_runs(run_dirs: list[Path], out_dir: Path, metric: str | None = None, title: str = "") -> list[Path]:
+    """Metric vs round and metric vs cumulative MB (up + down) for one or many runs, on shared axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    fig, (ax_r, ax_mb) = plt.subplots(1, 2, figsize=(11, 4))
+    for run in run_dirs:
+        run = Path(run)
+        rounds = read_jsonl(run / "rounds.jsonl")
+        if rounds.empty:
+            continue
+        summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
+        label = summary.get("label", run.name)
+        m = metric or summary.get("metric") or [c for c in rounds.columns if c not in ("round",)][0]
+        mb = rounds["mb_up"] + rounds["mb_down"]
+        ax_r.plot(rounds["round"], rounds[m], marker="o", label=label)
+        ax_mb.plot(mb, rounds[m], marker="o", label=label)
+        metric = m
+    for ax, xlabel in ((ax_r, "round"), (ax_mb, "cumulative MB exchanged (up + down)")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"dev {metric}")
+        ax.grid(alpha=0.3)
+    ax_mb.set_xscale("symlog", linthresh=1.0)
+    ax_r.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = out_dir / "metric_vs_round_and_mb.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]
+
+
+def _jsonable(obj):
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot serialize {type(obj).__name__}")

@@ -1,0 +1,222 @@
+"""The FedFAR Flower strategy: priming round, learner masks, masked-delta merging, and the byte ledger.
+
+The strategy owns the global model (a stock-layout state dict) and merges client deltas *into* it
+(`fedfar.exchange.merge_deltas`); it never replaces the global arrays with a partial aggregate, which is what
+stock Flower strategies would do with replies that carry only some tensors. The same class runs the baselines:
+FedAvg with full fine-tuning and full-model exchange is the plan with every tensor dense.
+"""
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable
+from logging import INFO, WARNING
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from . import exchange
+from .config import RunConfig
+from .deltas import decode, encode, payload_nbytes, serialized_nbytes
+from .far import ffn_sizes, random_learners, select_learners
+from .results import RunFolder
+
+
+class FedFar(Strategy):
+    def __init__(self, cfg: RunConfig, model: torch.nn.Module, folder: RunFolder,
+                 evaluate_fn: Callable[[], dict[str, float]]) -> None:
+        self.cfg, self.spec = cfg, cfg.spec
+        self.model = model
+        self.state = model.state_dict()  # live tensors: merging into it updates the model the server evaluates
+        self.plan = exchange.plan_for(model, self.spec)
+        self.folder = folder
+        self.evaluate_fn = evaluate_fn
+        self.rng = random.Random(cfg.seed)
+        self.sizes = ffn_sizes(model) if self.plan.sliced else []
+        # Global mask (global mode) or the union of rows any client has trained so far (local mode).
+        self.rows: list[torch.Tensor] | None = None
+        if self.plan.sliced and cfg.mask_mode == "local":
+            self.rows = [torch.zeros(0, dtype=torch.long) for _ in self.sizes]
+        self.busy: list[tuple[float, float]] = []  # wall-clock intervals of training / evaluation anywhere
+
+    # ----------------------------------------------------------------------------------------- messages
+    def _sample(self, grid: Grid) -> list[int]:
+        nodes = sorted(grid.get_node_ids())
+        k = max(1, round(self.cfg.fraction_train * len(nodes)))
+        return sorted(self.rng.sample(nodes, k))
+
+    def _messages(self, grid: Grid, nodes: list[int], content: RecordDict, message_type: str) -> list[Message]:
+        return [Message(content=content, dst_node_id=n, message_type=message_type) for n in nodes]
+
+    def _down_part(self) -> ArrayRecord:
+        """The trainable part of the global model (devices hold the pretrained rest), float32."""
+        return encode(exchange.select(self.state, self.plan, self.rows), "float32")
+
+    @staticmethod
+    def _send(grid: Grid, messages: list[Message]) -> list[tuple[Message, Message | None]]:
+        """Send and wait; pair each message with its reply (None if lost). One message per node."""
+        replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(messages)} if messages else {}
+        return [(m, replies.get(m.metadata.dst_node_id)) for m in messages]
+
+    # ----------------------------------------------------------------------------------------- priming
+    def choose_global_mask(self, grid: Grid) -> None:
+        """Round 0 of global mask mode: clients send node scores; the server picks one mask for everyone."""
+        if not self.plan.sliced or self.cfg.mask_mode != "global":
+            return
+        if self.spec.method == "random":
+            self.rows = random_learners(self.sizes, self.spec.retention, self.cfg.seed)
+            return
+        nodes = sorted(grid.get_node_ids())
+        content = RecordDict({"config": ConfigRecord({"server-round": 0})})
+        messages = self._messages(grid, nodes, content, "train.prime")
+        scores, total, rows = [torch.zeros(d, dtype=torch.float64) for d in self.sizes], 0.0, []
+        for msg_out, reply in self._send(grid, messages):
+            entry = self._ledger_entry(0, "prime", msg_out, reply)
+            if entry["status"] == "ok":
+                m = reply.content["metrics"]
+                w = float(m["num-examples"])
+                s = decode(reply.content["scores"])
+                for i in range(len(scores)):
+                    scores[i] += w * s[f"scores.{i}"].double()
+                total += w
+                self.busy.append((m["prime-start"], m["prime-end"]))
+            rows.append(entry)
+        self.folder.append_ledger(rows)
+        if total == 0:
+            raise RuntimeError("no client answered the priming round: cannot choose learners")
+        self.rows = select_learners([s / total for s in scores], self.spec.retention)
+        self.folder.write_mask(self.rows, self.sizes)
+        log(INFO, "priming: %d/%d clients scored FFN nodes; kept %d of %d nodes per block",
+            sum(e["status"] == "ok" for e in rows), len(rows), self.rows[0].numel(), self.sizes[0])
+
+    # ----------------------------------------------------------------------------------------- Strategy API
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        content = RecordDict({"part": self._down_part(),
+                              "config": ConfigRecord({**config, "server-round": server_round})})
+        return self._messages(grid, self._sample(grid), content, "train")
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        deltas = []
+        for reply in replies:
+            if reply.has_error():
+                continue
+            delta = decode(reply.content["delta"])
+            if self.plan.sliced and self.cfg.mask_mode == "global":
+                delta.update({f"ffn.{i}.rows": r for i, r in enumerate(self.rows)})
+            deltas.append((delta, float(reply.content["metrics"]["num-examples"])))
+        exchange.merge_deltas(self.state, deltas, self.plan, self.cfg.server_lr)
+        if self.plan.sliced and self.cfg.mask_mode == "local":
+            for i in range(len(self.rows)):
+                sent = [d[f"ffn.{i}.rows"].long() for d, _ in deltas]
+                self.rows[i] = torch.cat([self.rows[i], *sent]).unique(sorted=True)
+        # The global model lives in self.state; returning None keeps Flower from swapping in a partial one.
+        return None, MetricRecord({"clients": len(deltas)})
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        if not self.cfg.federated_eval:
+            return []
+        content = RecordDict({"part": self._down_part(),
+                              "config": ConfigRecord({"server-round": server_round})})
+        return self._messages(grid, sorted(grid.get_node_ids()), content, "evaluate")
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        good = [r.content["metrics"] for r in replies if not r.has_error() and r.content["metrics"]["num-examples"]]
+        if not good:
+            return None
+        total = sum(m["num-examples"] for m in good)
+        keys = [k for k in good[0] if k not in ("num-examples", "partition-id", "eval-start", "eval-end")]
+        for m in good:
+            self.busy.append((m["eval-start"], m["eval-end"]))
+        return MetricRecord({k: sum(m[k] * m["num-examples"] for m in good) / total for k in keys})
+
+    def summary(self) -> None:
+        log(INFO, "FedFar: method %s, mask mode %s, uplink codec %s, %d dense tensors, %d sliced FFN blocks",
+            self.spec.label, self.cfg.mask_mode, self.cfg.codec, len(self.plan.dense), len(self.plan.ffn))
+
+    # ----------------------------------------------------------------------------------------- the loop
+    def _ledger_entry(self, server_round: int, phase: str, out: Message, reply: Message | None) -> dict:
+        entry = {"round": server_round, "phase": phase, "node_id": out.metadata.dst_node_id,
+                 "bytes_down": serialized_nbytes(out), "payload_down": _payload(out.content),
+                 "bytes_up": 0, "payload_up": 0, "status": "lost", "error": ""}
+        if reply is None:
+            return entry
+        entry["bytes_up"] = serialized_nbytes(reply)
+        entry["payload_up"] = _payload(reply.content)
+        if reply.has_error():
+            entry.update(status="error", error=str(reply.error.reason)[:300])
+            return entry
+        metrics = dict(reply.content["metrics"]) if "metrics" in reply.content else {}
+        entry["status"] = "ok"
+        for k, v in metrics.items():
+            entry[k.replace("-", "_")] = v
+        return entry
+
+    def run(self, grid: Grid) -> dict:
+        """Priming (if any), then `num_rounds` of train / aggregate / evaluate, with the ledger and results."""
+        self.summary()
+        t_run = time.perf_counter()
+        self.choose_global_mask(grid)
+        history = []
+        t_eval = time.time()
+        base = self.evaluate_fn()
+        self.busy.append((t_eval, time.time()))
+        history.append({"round": 0, **base, "mb_up": 0.0, "mb_down": 0.0, "wall_s": time.perf_counter() - t_run})
+        self.folder.append_round(history[-1])
+        mb_up = mb_down = 0.0
+        for rnd in range(1, self.cfg.num_rounds + 1):
+            messages = list(self.configure_train(rnd, ArrayRecord(), ConfigRecord(), grid))
+            t_send = time.perf_counter()
+            pairs = self._send(grid, messages)
+            wait = time.perf_counter() - t_send
+            entries = [self._ledger_entry(rnd, "train", m, r) for m, r in pairs]
+            for e in entries:
+                if e["status"] == "ok":
+                    self.busy.append((e["train_start"], e["train_end"]))
+                else:
+                    log(WARNING, "round %d: node %s %s %s", rnd, e["node_id"], e["status"], e["error"])
+            self.aggregate_train(rnd, [r for _, r in pairs if r is not None])
+            eval_pairs = self._send(grid, list(self.configure_evaluate(rnd, ArrayRecord(), ConfigRecord(), grid)))
+            fed_eval = self.aggregate_evaluate(rnd, [r for _, r in eval_pairs if r is not None])
+            t_eval = time.time()
+            metrics = self.evaluate_fn()
+            self.busy.append((t_eval, time.time()))
+            up = sum(e["bytes_up"] for e in entries) / 1e6
+            down = sum(e["bytes_down"] for e in entries) / 1e6
+            mb_up, mb_down = mb_up + up, mb_down + down
+            ok = sum(e["status"] == "ok" for e in entries)
+            row = {"round": rnd, **metrics, "clients": len(entries), "clients_ok": ok, "mb_up": mb_up,
+                   "mb_down": mb_down, "round_wait_s": wait, "wall_s": time.perf_counter() - t_run}
+            if fed_eval:
+                row.update({f"fed_{k}": v for k, v in fed_eval.items()})
+            history.append(row)
+            self.folder.append_ledger(entries)
+            self.folder.append_round(row)
+            log(INFO, "[round %d/%d] %d/%d clients ok | %s | up %.2f MB, down %.2f MB (cumulative %.2f / %.2f) | %.0f s",
+                rnd, self.cfg.num_rounds, ok, len(entries),
+                ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), up, down, mb_up, mb_down, wait)
+        return {"history": history, "wall_s": time.perf_counter() - t_run, "busy_s": union_seconds(self.busy)}
+
+
+def _payload(content: RecordDict) -> int:
+    return sum(payload_nbytes(r) for r in content.values() if isinstance(r, ArrayRecord))
+
+
+def union_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end] intervals: time during which something was training or evaluating."""
+    total, cur_start, cur_end = 0.0, None, None
+    for s, e in sorted(intervals):
+        if cur_end is None or s > cur_end:
+            if cur_end is not None:
+                total += cur_end - cur_start
+            cur_start, cur_end = s, e
+        else:
+            cur_end = max(cur_end, e)
+    if cur_end is not None:
+        total += cur_end - cur_start
+    return total

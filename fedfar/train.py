@@ -1,0 +1,150 @@
+"""Local fine-tuning and evaluation loops: full, FAR (priming, then reconfigure), random selection, BitFit.
+
+Plain torch, no Flower: the central `fedfar finetune` command and every federated client run these.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .far import (
+    MethodSpec,
+    apply_bitfit,
+    ffn_sizes,
+    ffn_weights,
+    get_policy,
+    node_scores,
+    random_learners,
+    reconfigure,
+    select_learners,
+)
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 5e-5
+    warmup_share: float = 0.06
+    weight_decay: float = 0.0
+    priming_share: float = 0.01  # of all local steps, as in every experiment of the paper
+    preact_storage: str = "bfloat16"
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+
+def linear_schedule(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then linear decay to zero (the Hugging Face default)."""
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def carry_optimizer_state(
+    old: torch.optim.Optimizer, new: torch.optim.Optimizer, origin: dict[nn.Parameter, tuple[nn.Parameter, tuple]]
+) -> None:
+    """Move AdamW moments into the optimizer rebuilt after reconfiguring.
+
+    Parameters that survived as objects keep their state; learner tensors cut from a primed tensor take the
+    matching rows/columns of its moments, so the learners do not restart their moment estimates.
+    """
+    for group in new.param_groups:
+        for p in group["params"]:
+            if p in old.state:
+                new.state[p] = old.state[p]
+            elif p in origin and origin[p][0] in old.state:
+                src, index = origin[p]
+                st = old.state[src]
+                new.state[p] = {k: (v[index].clone() if torch.is_tensor(v) and v.dim() else v.clone())
+                                for k, v in st.items()}
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def train(
+    model: nn.Module,
+    loader,
+    spec: MethodSpec,
+    epochs: float,
+    cfg: TrainConfig,
+    learners: list[torch.Tensor] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+    on_epoch: Callable[[int], None] | None = None,
+) -> dict:
+    """Fine-tune `model` in place with `spec`; returns {"learners", "steps", "priming_steps", "losses"}.
+
+    FAR: if `learners` is given (e.g. a mask sent by a federated server) they are used and no priming runs;
+    otherwise the first `priming_share` of the steps train fully, nodes are scored, and the model is
+    reconfigured. The optimizer is rebuilt over the new tensors with the learners' moments carried across and
+    the learning-rate schedule goes on where it was (restarting it leaves CoLA predicting one class).
+    """
+    device = next(model.parameters()).device
+    steps_per_epoch = len(loader)
+    total = max(1, math.ceil(epochs * steps_per_epoch))
+    warmup = round(cfg.warmup_share * total)
+    if spec.method == "bitfit":
+        apply_bitfit(model)
+    elif spec.method == "random" and learners is None:
+        learners = random_learners(ffn_sizes(model), spec.retention, cfg.seed)
+    if spec.reconfigures and learners is not None:
+        reconfigure(model, learners, get_policy(spec.policy), cfg.preact_storage)
+    priming = 0
+    if spec.method == "far" and learners is None:
+        priming = max(1, round(cfg.priming_share * total))
+        before = ffn_weights(model)
+    opt = make_optimizer(model, cfg)
+    model.train()
+    losses: list[float] = []
+    step = 0
+    epoch = 0
+    while step < total:
+        for batch in loader:
+            if step == priming and priming and learners is None:
+                learners = select_learners(node_scores(before, ffn_weights(model)), spec.retention)
+                origin = reconfigure(model, learners, get_policy(spec.policy), cfg.preact_storage)
+                new_opt = make_optimizer(model, cfg)
+                carry_optimizer_state(opt, new_opt, origin)
+                opt, before = new_opt, None
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * linear_schedule(step, total, warmup)
+            loss = model(**_to_device(batch, device)).loss
+            loss.backward()
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            if on_step:
+                on_step(step, losses[-1])
+            step += 1
+            if step >= total:
+                break
+        epoch += 1
+        if on_epoch:
+            on_epoch(epoch)
+    return {"learners": learners, "steps": total, "priming_steps": priming, "losses": losses}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, labels) over a loader, in eval mode."""
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    logits, labels = [], []
+    for batch in loader:
+        batch = _to_device(batch, device)
+        labels.append(batch.pop("labels").cpu().numpy())
+        logits.append(model(**batch).logits.float().cpu().numpy())
+    model.train(was)
+    return np.concatenate(logits), np.concatenate(labels)

@@ -1,0 +1,262 @@
+"""FAR core: split equals original, gradients, training equivalence, freezing, merge, selection, policies."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY, tiny_batch, tiny_model
+from torch import nn
+from transformers import AutoModelForSequenceClassification
+
+from fedfar.far import (
+    MethodSpec,
+    SplitFFN,
+    apply_bitfit,
+    ffn_sizes,
+    ffn_weights,
+    get_policy,
+    learner_indices,
+    merge,
+    node_scores,
+    random_learners,
+    reconfigure,
+    select_learners,
+)
+from fedfar.far.layer import activation_kind
+from fedfar.train import TrainConfig, carry_optimizer_state, make_optimizer, train
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY))
+@pytest.mark.parametrize("storage", ["float32", "bfloat16", "recompute"])
+def test_split_model_gives_the_original_output(model_type, storage):
+    model = tiny_model(model_type).eval()
+    batch = tiny_batch()
+    ref = model(**batch).logits
+    reconfigure(model, random_learners(ffn_sizes(model), 0.3, seed=1), get_policy("paper"), storage)
+    assert sum(isinstance(m, SplitFFN) for m in model.modules()) == 2
+    torch.testing.assert_close(model(**batch).logits, ref, rtol=1e-5, atol=1e-6)
+
+
+def _naive_ffn(x, w1, b1, w2, b2, learners, act=F.gelu):
+    """The reference: ordinary autograd over the same split (learner rows trainable)."""
+    frozen = torch.tensor([i for i in range(w1.shape[0]) if i not in set(learners.tolist())])
+    w1l = w1[learners].clone().requires_grad_()
+    b1l = b1[learners].clone().requires_grad_()
+    w2l = w2[:, learners].clone().requires_grad_()
+    y = F.linear(act(F.linear(x, w1l, b1l)), w2l, b2) + F.linear(act(F.linear(x, w1[frozen], b1[frozen])), w2[:, frozen])
+    return y, (w1l, b1l, w2l)
+
+
+@pytest.mark.parametrize("storage,tol", [("float32", 1e-5), ("recompute", 1e-5), ("bfloat16", 2e-2)])
+@pytest.mark.parametrize("act", [nn.GELU(), nn.GELU(approximate="tanh"), nn.ReLU(), nn.SiLU()])
+def test_split_ffn_gradients_match_autograd(storage, tol, act):
+    torch.manual_seed(0)
+    fc1, fc2 = nn.Linear(8, 24), nn.Linear(24, 8)
+    learners = torch.tensor([1, 5, 6, 20])
+    split = SplitFFN(fc1, fc2, act, learners, storage)
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    g = torch.randn(3, 5, 8)
+    split(x).backward(g)
+
+    x_ref = x.detach().clone().requires_grad_()
+    b2 = fc2.bias.detach().clone().requires_grad_()
+    y, (w1l, b1l, w2l) = _naive_ffn(x_ref, fc1.weight.detach(), fc1.bias.detach(), fc2.weight.detach(), b2, learners, act)
+    y.backward(g)
+    # Weight gradients never touch the narrow copy: exact to float tolerance in every storage mode.
+    for ours, ref in [(split.w1_learner, w1l), (split.b1_learner, b1l), (split.w2_learner, w2l), (split.b2, b2)]:
+        torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=tol, atol=tol)
+    assert split.w1_frozen.grad is None and not split.w1_frozen.requires_grad
+
+
+def test_activation_kinds_are_recognised_by_value():
+    from transformers.activations import ACT2FN
+
+    assert activation_kind(ACT2FN["gelu"]) == "gelu"
+    assert activation_kind(ACT2FN["gelu_pytorch_tanh"]) == "gelu_tanh"
+    assert activation_kind(ACT2FN["relu"]) == "relu"
+    assert activation_kind(ACT2FN["silu"]) == "generic"
+
+
+def test_far_at_full_retention_trains_like_full_finetuning():
+    batch = tiny_batch()
+    full, far = tiny_model(), tiny_model()
+    reconfigure(far, [torch.arange(d) for d in ffn_sizes(far)], get_policy("paper"), "float32")
+    for model in (full, far):
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        model(**batch).loss.backward()
+        opt.step()
+    merge(far)
+    for (name, p), (_, q) in zip(full.state_dict().items(), far.state_dict().items()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_frozen_weights_are_bit_identical_after_training():
+    model = tiny_model(dropout=True)
+    reconfigure(model, random_learners(ffn_sizes(model), 0.25, seed=0), get_policy("frozen-embeddings"))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert any("w1_frozen" in n for n in frozen) and any("word_embeddings" in n for n in frozen)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for seed in range(3):
+        model(**tiny_batch(seed=seed)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    assert all(not torch.equal(dict(model.named_parameters())[n], v) for n, v in trainable.items())
+
+
+def test_merge_then_reload_with_plain_transformers(tmp_path):
+    model = tiny_model("distilbert")
+    reconfigure(model, random_learners(ffn_sizes(model), 0.1, seed=0), get_policy("paper"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(**tiny_batch()).loss.backward()
+    opt.step()
+    model.eval()
+    batch = tiny_batch(seed=5)
+    before = model(**batch).logits
+    merge(model)
+    assert not any(isinstance(m, SplitFFN) for m in model.modules())
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(reloaded(**batch).logits, before, rtol=1e-5, atol=1e-6)
+    assert set(reloaded.state_dict()) == set(tiny_model("distilbert").state_dict())
+
+
+def test_selection_matches_a_hand_computed_l1_ranking():
+    w1 = torch.zeros(5, 2)
+    b1 = torch.zeros(5)
+    w2 = torch.zeros(3, 5)
+    w1b, b1b, w2b = w1.clone(), b1.clone(), w2.clone()
+    w1b[0] = torch.tensor([0.5, -0.5])  # node 0: |0.5|+|-0.5| = 1.0
+    b1b[1] = -3.0                        # node 1: 3.0
+    w2b[:, 2] = torch.tensor([1.0, 1.0, 0.5])  # node 2: 2.5
+    w1b[3] = torch.tensor([0.1, 0.0])
+    w2b[0, 3] = -0.1                     # node 3: 0.2
+    scores = node_scores([(w1, b1, w2)], [(w1b, b1b, w2b)])
+    torch.testing.assert_close(scores[0], torch.tensor([1.0, 3.0, 2.5, 0.2, 0.0]))
+    assert select_learners(scores, 0.4)[0].tolist() == [1, 2]   # round(0.4 * 5) = 2 learners
+    assert select_learners(scores, 0.6)[0].tolist() == [0, 1, 2]
+    assert select_learners(scores, 0.01)[0].tolist() == [1]     # at least one learner per block
+
+
+def test_priming_then_reconfigure_selects_by_movement_and_keeps_schedule():
+    model = tiny_model()
+    batches = [tiny_batch(seed=s) for s in range(20)]
+    seen_lr = []
+    cfg = TrainConfig(lr=1e-2, warmup_share=0.0, priming_share=0.1)
+    spec = MethodSpec("far", 0.25, "paper")
+    out = train(model, batches, spec, epochs=1, cfg=cfg, on_step=lambda s, l: seen_lr.append(s))
+    assert out["priming_steps"] == 2 and out["steps"] == 20
+    assert [x.numel() for x in learner_indices(model)] == [16, 16]  # round(0.25 * 64)
+    assert all(torch.equal(a, b) for a, b in zip(out["learners"], learner_indices(model)))
+    assert seen_lr == list(range(20))
+
+
+def test_learners_are_the_nodes_that_moved_most_in_priming():
+    model = tiny_model()
+    before = ffn_weights(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(**tiny_batch()).loss.backward()
+    opt.step()
+    scores = node_scores(before, ffn_weights(model))
+    learners = select_learners(scores, 0.25)
+    for s, idx in zip(scores, learners):
+        others = torch.ones_like(s, dtype=torch.bool)
+        others[idx] = False
+        assert s[idx].min() >= s[others].max()
+
+
+def test_optimizer_moments_of_learner_rows_carry_across_reconfigure():
+    model = tiny_model()
+    opt = make_optimizer(model, TrainConfig())
+    model(**tiny_batch()).loss.backward()
+    opt.step()
+    fc1 = model.bert.encoder.layer[0].intermediate.dense
+    old_avg = opt.state[fc1.weight]["exp_avg"].clone()
+    learners = random_learners(ffn_sizes(model), 0.25, seed=0)
+    origin = reconfigure(model, learners, get_policy("paper"))
+    new = make_optimizer(model, TrainConfig())
+    carry_optimizer_state(opt, new, origin)
+    split = model.bert.encoder.layer[0].intermediate.dense
+    assert torch.equal(new.state[split.w1_learner]["exp_avg"], old_avg[learners[0]])
+    assert split.w1_frozen not in new.state
+    assert len(new.state) == len([p for p in model.parameters() if p.requires_grad])
+
+
+@pytest.mark.parametrize("name", ["paper", "frozen-embeddings", "frozen-attention"])
+def test_policies_set_exactly_the_documented_tensors(name):
+    model = tiny_model()
+    reconfigure(model, random_learners(ffn_sizes(model), 0.1, seed=0), get_policy(name))
+    trains = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(("learner" in n or n.endswith("intermediate.dense.b2")) for n in trains if "intermediate.dense" in n)
+    assert not any("_frozen" in n for n in trains)
+    assert ("bert.embeddings.word_embeddings.weight" in trains) == (name == "paper")
+    assert ("bert.encoder.layer.0.attention.self.query.weight" in trains) == (name != "frozen-attention")
+    assert "bert.encoder.layer.0.attention.output.LayerNorm.weight" in trains
+    assert "bert.embeddings.LayerNorm.weight" in trains
+    assert {"classifier.weight", "bert.pooler.dense.weight"} <= trains
+
+
+def test_bitfit_trains_biases_and_head_only():
+    model = tiny_model()
+    apply_bitfit(model)
+    for n, p in model.named_parameters():
+        assert p.requires_grad == (n.endswith("bias") or n.startswith("classifier")), n
+
+
+def test_unsupported_family_names_the_supported_ones():
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    model = GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="distilbert.*roberta"):
+        reconfigure(model, [torch.tensor([0])], get_policy("paper"))
+
+
+def test_method_spec_parsing_and_errors():
+    assert MethodSpec.parse("far10-emb") == MethodSpec("far", 0.1, "frozen-embeddings")
+    assert MethodSpec.parse("random40") == MethodSpec("random", 0.4, "paper")
+    assert MethodSpec.parse("far10-attn").label == "far10-attn"
+    assert MethodSpec.parse("bitfit").method == "bitfit"
+    with pytest.raises(ValueError, match="far<retention"):
+        MethodSpec.parse("lora8")
+    with pytest.raises(ValueError, match="freeze policy"):
+        MethodSpec("far", 0.1, "frozen-everything")
+    with pytest.raises(ValueError, match="retention"):
+        MethodSpec("far", 1.5)
+
+
+def test_reconfigure_validates_learner_lists(model):
+    with pytest.raises(ValueError, match="2"):
+        reconfigure(copy.deepcopy(model), [torch.tensor([0])], get_policy("paper"))
+    with pytest.raises(ValueError, match=r"\[0, 64\)"):
+        reconfigure(model, [torch.tensor([64]), torch.tensor([0])], get_policy("paper"))
+
+
+def test_folded_dropout_matches_a_regenerated_mask_and_its_gradient():
+    torch.manual_seed(0)
+    fc1, fc2 = nn.Linear(8, 24), nn.Linear(24, 8)
+    split = SplitFFN(fc1, fc2, nn.GELU(), torch.tensor([0, 3]), "float32", dropout=0.5).train()
+    x = torch.randn(4, 8, requires_grad=True)
+    y = split(x)
+    split.eval()
+    clean = split(x)
+    kept = y != 0
+    # Every output is either dropped or the clean value scaled by 1/(1-p); about half are dropped.
+    torch.testing.assert_close(y[kept], 2 * clean[kept])
+    assert 0.25 < kept.float().mean() < 0.75
+    y.sum().backward()
+    g_masked = x.grad.clone()
+    x.grad = None
+    (clean * kept * 2.0).sum().backward()
+    torch.testing.assert_close(g_masked, x.grad)
+
+
+def test_dropout_goes_back_on_merge():
+    model = tiny_model(dropout=True)
+    reconfigure(model, random_learners(ffn_sizes(model), 0.5, seed=0), get_policy("paper"))
+    assert isinstance(model.bert.encoder.layer[0].output.dropout, nn.Identity)
+    merge(model)
+    assert model.bert.encoder.layer[0].output.dropout.p == model.config.hidden_dropout_prob
