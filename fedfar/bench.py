@@ -1,7 +1,7 @@
 """`fedfar bench`: step time and training memory of fine-tuning methods on one model and batch shape, one run.
 
 Every method gets a fresh copy of the same model and the same batch; step time is the median over repeats of
-forward + backward + AdamW step + zero_grad, after warm-up steps. Memory figures are exact (fedfar.memory)
+forward + backward + AdamW step + zero_grad, after warm-up steps, methods interleaved round by round. Memory figures are exact (fedfar.memory)
 and need no repeats. Ratios are to the first method (normally `full`) measured in the same run.
 FAR's step time does not depend on which nodes learn, so the bench selects learners at random: no priming.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .far import MethodSpec, apply_bitfit, ffn_sizes, random_learners, reconfigure, get_policy
+from .far import MethodSpec, apply_bitfit, apply_policy, ffn_sizes, get_policy, random_learners, reconfigure
 from .memory import account
 from .models import load_model
 
@@ -23,6 +23,8 @@ def prepare(model: torch.nn.Module, spec: MethodSpec, seed: int = 0, preact_stor
     """Put `model` in the training configuration of `spec` (learners drawn at random for FAR)."""
     if spec.method == "bitfit":
         apply_bitfit(model)
+    elif spec.method == "full":
+        apply_policy(model, get_policy(spec.policy))
     elif spec.reconfigures:
         learners = random_learners(ffn_sizes(model), spec.retention, seed)
         reconfigure(model, learners, get_policy(spec.policy), preact_storage)
@@ -42,20 +44,21 @@ def random_batch(model: torch.nn.Module, batch_size: int, seq_len: int, seed: in
     return batch
 
 
-def time_steps(model, batch, repeats: int, warmup: int, lr: float = 2e-5) -> list[float]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
-    model.train()
-    times = []
-    for i in range(warmup + repeats):
+class _Stepper:
+    """One method's model, batch and AdamW, ready to take training steps."""
+
+    def __init__(self, model, batch, lr: float = 2e-5) -> None:
+        self.model, self.batch = model.train(), batch
+        self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+        self.times: list[float] = []
+
+    def step(self, record: bool) -> None:
         t0 = time.perf_counter()
-        loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return times
+        self.model(**self.batch).loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if record:
+            self.times.append(time.perf_counter() - t0)
 
 
 def run_bench(
@@ -64,26 +67,30 @@ def run_bench(
     batch_size: int = 16,
     seq_len: int = 128,
     repeats: int = 5,
-    warmup: int = 1,
+    warmup: int = 2,
     num_labels: int = 2,
     preact_storage: str = "bfloat16",
     seed: int = 0,
     progress=print,
 ) -> list[dict]:
+    """Memory per method, then step times taken round-robin: one step of each method per round, so a burst of
+    load on a shared machine slows every method alike instead of whichever happened to be running."""
     specs = [MethodSpec.parse(m) for m in methods]
-    rows = []
+    steppers, rows = [], []
     for spec in specs:
         model = load_model(model_ref, num_labels, seed=seed)
         prepare(model, spec, seed, preact_storage)
         batch = random_batch(model, batch_size, seq_len, seed)
-        mem = account(model, batch)
-        times = time_steps(model, batch, repeats, warmup)
-        row = {"method": spec.label, "step_time_s": statistics.median(times), "step_times_s": times,
-               **mem.as_dict()}
-        rows.append(row)
-        progress(f"  {spec.label:<16} median step {row['step_time_s']:.3f} s   "
-                 f"peak {row['peak_training_bytes'] / 2**20:8.1f} MiB")
-        del model
+        rows.append({"method": spec.label, **account(model, batch).as_dict()})
+        steppers.append(_Stepper(model, batch))
+    for i in range(warmup + repeats):
+        for stepper in steppers:
+            stepper.step(record=i >= warmup)
+        if i >= warmup:
+            progress(f"  round {i - warmup + 1}/{repeats}: " + "  ".join(
+                f"{r['method']} {s.times[-1]:.2f}s" for r, s in zip(rows, steppers)))
+    for row, stepper in zip(rows, steppers):
+        row.update(step_time_s=statistics.median(stepper.times), step_times_s=stepper.times)
     base = rows[0]
     for row in rows:
         row["time_ratio"] = row["step_time_s"] / base["step_time_s"]

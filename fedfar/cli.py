@@ -28,7 +28,7 @@ def _bench(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     methods = [m for m in args.methods.split(",") if m]
     print(f"fedfar bench: {args.model}, batch {args.batch_size} x {args.seq_len} tokens, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats} steps after {args.warmup} warm-up")
+          f"{torch.get_num_threads()} threads, median of {args.repeats} interleaved steps after {args.warmup} warm-up")
     rows = run_bench(args.model, methods, args.batch_size, args.seq_len, args.repeats, args.warmup,
                      preact_storage=args.preact_storage, seed=args.seed)
     for r in rows:
@@ -134,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated; ratios are to the first")
     b.add_argument("--batch-size", type=int, default=16)
     b.add_argument("--seq-len", type=int, default=128)
-    b.add_argument("--repeats", type=int, default=5)
-    b.add_argument("--warmup", type=int, default=1)
+    b.add_argument("--repeats", type=int, default=7)
+    b.add_argument("--warmup", type=int, default=2)
     b.add_argument("--preact-storage", default="bfloat16", choices=["float32", "bfloat16", "recompute"])
     b.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     b.add_argument("--seed", type=int, default=0)

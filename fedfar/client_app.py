@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import time
 
+import datasets
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from . import exchange
@@ -14,6 +15,7 @@ from .deltas import decode, encode, reconstruction_error
 from .local import CACHE, choose_learners, evaluate, local_update, prime_scores, priming_steps
 
 app = ClientApp()
+datasets.disable_progress_bars()  # per-map bars from every process bury the round log
 
 
 def _setup(msg: Message, context: Context):
@@ -22,6 +24,7 @@ def _setup(msg: Message, context: Context):
     num = int(context.node_config["num-partitions"])
     server_round = int(msg.content["config"]["server-round"]) if "config" in msg.content else 0
     seed = cfg.seed + 7919 * pid + server_round
+    torch.manual_seed(seed)  # dropout draws from the global generator: same seed, same run, whatever the worker
     model = CACHE.model(cfg)
     train_ds, held_out = CACHE.partition(cfg, pid, num)
     loader = make_loader(train_ds, CACHE.tokenizer(cfg), cfg.batch_size, shuffle=True, seed=seed)
@@ -51,9 +54,9 @@ def train(msg: Message, context: Context) -> Message:
     if plan.sliced and cfg.mask_mode == "local":
         if "learners" not in context.state:  # first participation: pick this device's own learners
             learners = choose_learners(model, loader, cfg, seed)
-            context.state["learners"] = ArrayRecord({f"{i}": l.numpy() for i, l in enumerate(learners)})
-        stored = context.state["learners"]
-        rows = [torch.from_numpy(stored[f"{i}"].numpy()).long() for i in range(len(plan.ffn))]
+            context.state["learners"] = encode({str(i): rows_i for i, rows_i in enumerate(learners)})
+        stored = decode(context.state["learners"])
+        rows = [stored[str(i)].long() for i in range(len(plan.ffn))]
     delta, metrics = local_update(model, part_down, plan, rows, loader, cfg, seed)
     metrics.update({"train-start": start, "train-end": time.time()})
     if plan.sliced and cfg.mask_mode == "global":

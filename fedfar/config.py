@@ -44,6 +44,7 @@ class RunConfig:
     seed: int = 0
     results_dir: str = "results/runs"
     run_name: str = ""
+    save_model: bool = True        # the final global model as an ordinary save_pretrained folder
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> "RunConfig":

@@ -53,6 +53,7 @@ def plan_for(model: nn.Module, spec: MethodSpec) -> ExchangePlan:
         else:
             for p in model.parameters():
                 p.requires_grad_(True)
+            apply_policy(model, get_policy(spec.policy))
         sliced = {n for entry in ffn for n in entry if n}
         dense = tuple(n for n, p in model.named_parameters() if p.requires_grad and n not in sliced)
     finally:

@@ -5,10 +5,12 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from logging import INFO
+
+import datasets
 from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
-from logging import INFO
 
 from .config import RunConfig
 from .data import get_task, load_glue, partition_summary, tokenize
@@ -18,6 +20,7 @@ from .results import RunFolder
 from .strategy import FedFar
 
 app = ServerApp()
+datasets.disable_progress_bars()  # per-map bars from every process bury the round log
 
 
 @app.main()
@@ -54,6 +57,9 @@ def main(grid: Grid, context: Context) -> None:
         "server_wall_s": wall, "setup_s": setup_s, "busy_s": out["busy_s"],
         "overhead_s": wall - out["busy_s"], "overhead_share": (wall - out["busy_s"]) / wall,
     }
+    if cfg.save_model:
+        model.save_pretrained(folder.path / "model")  # stock layout: loads with plain transformers
+        tokenizer.save_pretrained(folder.path / "model")
     folder.finish(summary)
     lines = [
         "",

@@ -72,18 +72,20 @@ class FedFar(Strategy):
         nodes = sorted(grid.get_node_ids())
         content = RecordDict({"config": ConfigRecord({"server-round": 0})})
         messages = self._messages(grid, nodes, content, "train.prime")
-        scores, total, rows = [torch.zeros(d, dtype=torch.float64) for d in self.sizes], 0.0, []
+        scores, total, rows, answered = [torch.zeros(d, dtype=torch.float64) for d in self.sizes], 0.0, [], []
         for msg_out, reply in self._send(grid, messages):
             entry = self._ledger_entry(0, "prime", msg_out, reply)
             if entry["status"] == "ok":
-                m = reply.content["metrics"]
-                w = float(m["num-examples"])
-                s = decode(reply.content["scores"])
-                for i in range(len(scores)):
-                    scores[i] += w * s[f"scores.{i}"].double()
-                total += w
-                self.busy.append((m["prime-start"], m["prime-end"]))
+                answered.append(reply)
+                self.busy.append((entry["prime_start"], entry["prime_end"]))
             rows.append(entry)
+        # Partition order, not arrival order, so the sums (and ties in the ranking) repeat run after run.
+        for reply in sorted(answered, key=lambda r: r.content["metrics"]["partition-id"]):
+            w = float(reply.content["metrics"]["num-examples"])
+            s = decode(reply.content["scores"])
+            for i in range(len(scores)):
+                scores[i] += w * s[f"scores.{i}"].double()
+            total += w
         self.folder.append_ledger(rows)
         if total == 0:
             raise RuntimeError("no client answered the priming round: cannot choose learners")
@@ -102,9 +104,9 @@ class FedFar(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         deltas = []
-        for reply in replies:
-            if reply.has_error():
-                continue
+        # Partition order, not arrival order: float sums then come out the same in every run with the same seed.
+        ok = [r for r in replies if not r.has_error()]
+        for reply in sorted(ok, key=lambda r: r.content["metrics"]["partition-id"]):
             delta = decode(reply.content["delta"])
             if self.plan.sliced and self.cfg.mask_mode == "global":
                 delta.update({f"ffn.{i}.rows": r for i, r in enumerate(self.rows)})
@@ -147,10 +149,10 @@ class FedFar(Strategy):
         if reply is None:
             return entry
         entry["bytes_up"] = serialized_nbytes(reply)
-        entry["payload_up"] = _payload(reply.content)
-        if reply.has_error():
+        if reply.has_error():  # an error reply has no content: record it, never let it stop the round
             entry.update(status="error", error=str(reply.error.reason)[:300])
             return entry
+        entry["payload_up"] = _payload(reply.content)
         metrics = dict(reply.content["metrics"]) if "metrics" in reply.content else {}
         entry["status"] = "ok"
         for k, v in metrics.items():

@@ -15,6 +15,7 @@ from torch import nn
 from .far import (
     MethodSpec,
     apply_bitfit,
+    apply_policy,
     ffn_sizes,
     ffn_weights,
     get_policy,
@@ -94,6 +95,8 @@ def train(
     warmup = round(cfg.warmup_share * total)
     if spec.method == "bitfit":
         apply_bitfit(model)
+    elif spec.method == "full" and spec.policy != "paper":
+        apply_policy(model, get_policy(spec.policy))
     elif spec.method == "random" and learners is None:
         learners = random_learners(ffn_sizes(model), spec.retention, cfg.seed)
     if spec.reconfigures and learners is not None:

@@ -260,3 +260,15 @@ def test_dropout_goes_back_on_merge():
     assert isinstance(model.bert.encoder.layer[0].output.dropout, nn.Identity)
     merge(model)
     assert model.bert.encoder.layer[0].output.dropout.p == model.config.hidden_dropout_prob
+
+
+def test_full_finetuning_under_a_policy_freezes_outside_the_ffn_only():
+    spec = MethodSpec.parse("full-emb")
+    assert spec == MethodSpec("full", policy="frozen-embeddings") and spec.label == "full-emb"
+    model = tiny_model()
+    train(model, [tiny_batch()], spec, epochs=1, cfg=TrainConfig())
+    trains = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "bert.embeddings.word_embeddings.weight" not in trains
+    assert "bert.encoder.layer.0.intermediate.dense.weight" in trains
+    with pytest.raises(ValueError, match="bitfit"):
+        MethodSpec.parse("bitfit-emb")

@@ -64,21 +64,32 @@ class MethodSpec:
 
     @property
     def label(self) -> str:
-        if not self.reconfigures:
-            return self.method
         suffix = {"paper": "", "frozen-embeddings": "-emb", "frozen-attention": "-attn"}[self.policy]
+        if self.method == "bitfit":
+            return "bitfit"
+        if self.method == "full":
+            return f"full{suffix}"
         return f"{self.method}{round(self.retention * 100):d}{suffix}"
 
     @classmethod
     def parse(cls, text: str) -> "MethodSpec":
-        """'full', 'bitfit', 'far10', 'far40-emb', 'random10-attn' -> MethodSpec."""
-        m = re.fullmatch(r"(full|bitfit)|(far|random)(\d+(?:\.\d+)?)(?:-(emb|attn|paper))?", text.strip().lower())
+        """'full', 'full-emb', 'bitfit', 'far10', 'far40-emb', 'random10-attn' -> MethodSpec.
+
+        'full-emb' / 'full-attn' are ordinary fine-tuning (no FFN split) under a freeze policy.
+        """
+        m = re.fullmatch(r"(bitfit)|(full)|(far|random)(\d+(?:\.\d+)?)", text.strip().lower().removesuffix("-emb")
+                         .removesuffix("-attn").removesuffix("-paper"))
         if not m:
-            raise ValueError(f"cannot read method {text!r}: write full, bitfit, far<retention %>[-emb|-attn] "
-                             "or random<retention %>[-emb|-attn], e.g. far10-emb")
+            raise ValueError(f"cannot read method {text!r}: write full[-emb|-attn], bitfit, "
+                             "far<retention %>[-emb|-attn] or random<retention %>[-emb|-attn], e.g. far10-emb")
+        policy = next((p for p in ("emb", "attn") if text.strip().lower().endswith("-" + p)), "paper")
         if m.group(1):
-            return cls(m.group(1))
-        return cls(m.group(2), float(m.group(3)) / 100.0, m.group(4) or "paper")
+            if policy != "paper":
+                raise ValueError("bitfit has its own freeze rule (biases and head train): drop the -emb/-attn suffix")
+            return cls("bitfit")
+        if m.group(2):
+            return cls("full", policy=policy)
+        return cls(m.group(3), float(m.group(4)) / 100.0, policy)
 
 
 def _is_layernorm(module: nn.Module) -> bool:

@@ -1,0 +1,131 @@
+"""End to end through `flwr run` with Ray: a tiny random BERT on a sliver of the shared CoLA files.
+
+Each run takes ~40 s on 2 cores, almost all of it Flower and Ray start-up, so the runs are shared by module.
+"""
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from fedfar import exchange
+from fedfar.config import RunConfig
+from fedfar.data import default_glue_dir
+from fedfar.deltas import encode, payload_nbytes
+from fedfar.launch import PROJECT_DIR, process_tree, run_simulation
+from fedfar.models import load_model
+
+pytestmark = [pytest.mark.ray]
+TINY = PROJECT_DIR / "configs" / "tiny.toml"
+
+
+def _run(tmp: Path, name: str, **overrides) -> Path:
+    values = {"results-dir": str(tmp), "run-name": name, "data": str(default_glue_dir()), **overrides}
+    assert run_simulation(TINY, 2, overrides=values, stream=False) == 0
+    return tmp / name
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("runs")
+    return {
+        "global": _run(tmp, "global"),
+        "again": _run(tmp, "again", **{"num-rounds": 1}),
+        "again2": _run(tmp, "again2", **{"num-rounds": 1}),
+        "local": _run(tmp, "local", **{"mask-mode": "local", "codec": "int8", "num-rounds": 1}),
+    }
+
+
+def _cfg(run: Path) -> RunConfig:
+    return RunConfig.from_flower(json.loads((run / "config.json").read_text()))
+
+
+def _payload(cfg: RunConfig, rows: list[list[int]] | None, codec: str = "float32", with_rows: bool = True) -> int:
+    """Bytes of array data in a part of this run's plan, built independently of the run from the plan alone."""
+    model = load_model(cfg.model, 2, seed=cfg.seed)
+    plan = exchange.plan_for(model, cfg.spec)
+    part = exchange.select(model.state_dict(), plan, [torch.tensor(r, dtype=torch.long) for r in rows] if rows else None)
+    if not with_rows:
+        part = {k: v for k, v in part.items() if not k.endswith(".rows")}
+    return payload_nbytes(encode(part, codec))
+
+
+def test_ledger_counts_exactly_what_was_serialized(runs):
+    run = runs["global"]
+    ledger = pd.read_csv(run / "ledger.csv")
+    mask = json.loads((run / "mask.json").read_text())
+    down = _payload(_cfg(run), mask["learners"])
+    up = _payload(_cfg(run), mask["learners"], with_rows=False)
+    n_rows = sum(len(r) for r in mask["learners"])  # int32 row indices travel down only
+    prime = ledger[ledger.phase == "prime"]
+    train = ledger[ledger.phase == "train"]
+    assert len(prime) == 2 and len(train) == 2 * 2 and (ledger.status == "ok").all()
+    # Priming sends scores only: one float32 per FFN node, no weights.
+    assert (prime.payload_up == 4 * sum(mask["ffn_sizes"])).all()
+    # Down: the trainable part of the global model + the mask (int32); up: the delta without the mask.
+    assert (train.payload_down == up + 4 * n_rows).all() and (train.payload_down == down).all()
+    assert (train.payload_up == up).all()
+    # Flower's protobuf framing and the metadata come on top of the payload, and are counted too.
+    assert (train.bytes_up > train.payload_up).all() and (train.bytes_up < train.payload_up * 1.01 + 4096).all()
+    assert ledger.cum_bytes_up.iloc[-1] == ledger.bytes_up.sum()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["mb_up"] == pytest.approx(train.bytes_up.sum() / 1e6)
+
+
+def test_frozen_parameters_of_the_global_model_never_change(runs):
+    run = runs["global"]
+    cfg = _cfg(run)
+    initial = load_model(cfg.model, 2, seed=cfg.seed).state_dict()
+    final = type(load_model(cfg.model, 2)).from_pretrained(run / "model").state_dict()
+    plan = exchange.plan_for(load_model(cfg.model, 2), cfg.spec)
+    learners = json.loads((run / "mask.json").read_text())["learners"]
+    sent = set(plan.dense)
+    for name, before in initial.items():
+        if name in sent:
+            continue
+        ffn = [(i, entry.index(name)) for i, entry in enumerate(plan.ffn) if name in entry]
+        if not ffn:
+            assert torch.equal(final[name], before), name  # embeddings: frozen under far25-emb
+            continue
+        block, which = ffn[0]
+        frozen = torch.ones(before.shape[0 if which < 2 else 1], dtype=torch.bool)
+        frozen[learners[block]] = False
+        if which < 2:
+            assert torch.equal(final[name][frozen], before[frozen]), name
+            assert not torch.equal(final[name][~frozen], before[~frozen]), name
+        else:
+            assert torch.equal(final[name][:, frozen], before[:, frozen]), name
+    assert not torch.equal(final["classifier.weight"], initial["classifier.weight"])
+
+
+def test_same_seed_gives_same_partitions_and_same_metrics(runs):
+    a, b = runs["again"], runs["again2"]
+    assert json.loads((a / "partitions.json").read_text()) == json.loads((b / "partitions.json").read_text())
+    assert json.loads((a / "mask.json").read_text()) == json.loads((b / "mask.json").read_text())
+    ra, rb = pd.read_csv(a / "rounds.csv"), pd.read_csv(b / "rounds.csv")
+    assert ra["mcc"].tolist() == rb["mcc"].tolist()
+    fa = type(load_model("random:bert-tiny", 2)).from_pretrained(a / "model").state_dict()
+    fb = type(load_model("random:bert-tiny", 2)).from_pretrained(b / "model").state_dict()
+    assert all(torch.equal(fa[k], fb[k]) for k in fa)
+
+
+def test_local_mask_mode_sends_row_indices_and_int8_deltas(runs):
+    run = runs["local"]
+    ledger = pd.read_csv(run / "ledger.csv")
+    assert set(ledger.phase) == {"train"} and (ledger.status == "ok").all()  # no priming round in local mode
+    cfg = _cfg(run)
+    rows = [list(range(128))] * 2  # bert-tiny: 2 FFN blocks of 512 nodes, 25% learners (sizes are what count)
+    # int8 (a byte per element + a float32 scale per row) with each device's own int32 row indices.
+    assert (ledger.payload_up == _payload(cfg, rows, "int8")).all()
+    assert (ledger.payload_up < 0.3 * _payload(cfg, rows, "float32")).all()
+    assert (ledger.codec_rel_l2 > 0).all() and (ledger.codec_rel_l2 < 0.02).all()
+    # Round 1 downlink carries no FFN rows yet: nobody has trained any.
+    assert (ledger.payload_down == _payload(cfg, [[]] * 2)).all()
+
+
+def test_no_process_is_left_behind(runs):
+    import os
+
+    # Everything the runs started (SuperLink, superexec, flwr-simulation, Ray) was stopped by its own pid.
+    assert not process_tree(os.getpid()) - {os.getpid()}
