@@ -75,10 +75,12 @@ def priming_steps(cfg: RunConfig, steps_per_round: int) -> int:
 
 
 def prime_scores(model: torch.nn.Module, loader, steps: int, cfg: RunConfig, seed: int) -> list[torch.Tensor]:
-    """Train fully for `steps` steps and return each FFN node's L1 weight movement. The model is restored."""
+    """Prime for `steps` steps and return each FFN node's L1 weight movement. The model is restored."""
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     before = ffn_weights(model)
-    train(model, loader, MethodSpec("full"), epochs=steps / len(loader), cfg=train_config(cfg, seed))
+    # All FFN nodes train; outside the FFN, the policy holds (frozen embeddings stay frozen while priming too).
+    spec = MethodSpec("full", policy=cfg.spec.policy)
+    train(model, loader, spec, epochs=steps / len(loader), cfg=train_config(cfg, seed))
     scores = node_scores(before, ffn_weights(model))
     model.load_state_dict(saved)
     return scores

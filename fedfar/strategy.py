@@ -48,7 +48,8 @@ class FedFar(Strategy):
         k = max(1, round(self.cfg.fraction_train * len(nodes)))
         return sorted(self.rng.sample(nodes, k))
 
-    def _messages(self, grid: Grid, nodes: list[int], content: RecordDict, message_type: str) -> list[Message]:
+    @staticmethod
+    def _messages(nodes: list[int], content: RecordDict, message_type: str) -> list[Message]:
         return [Message(content=content, dst_node_id=n, message_type=message_type) for n in nodes]
 
     def _down_part(self) -> ArrayRecord:
@@ -71,7 +72,7 @@ class FedFar(Strategy):
             return
         nodes = sorted(grid.get_node_ids())
         content = RecordDict({"config": ConfigRecord({"server-round": 0})})
-        messages = self._messages(grid, nodes, content, "train.prime")
+        messages = self._messages(nodes, content, "train.prime")
         scores, total, rows, answered = [torch.zeros(d, dtype=torch.float64) for d in self.sizes], 0.0, [], []
         for msg_out, reply in self._send(grid, messages):
             entry = self._ledger_entry(0, "prime", msg_out, reply)
@@ -99,7 +100,7 @@ class FedFar(Strategy):
                         grid: Grid) -> Iterable[Message]:
         content = RecordDict({"part": self._down_part(),
                               "config": ConfigRecord({**config, "server-round": server_round})})
-        return self._messages(grid, self._sample(grid), content, "train")
+        return self._messages(self._sample(grid), content, "train")
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -125,7 +126,7 @@ class FedFar(Strategy):
             return []
         content = RecordDict({"part": self._down_part(),
                               "config": ConfigRecord({"server-round": server_round})})
-        return self._messages(grid, sorted(grid.get_node_ids()), content, "evaluate")
+        return self._messages(sorted(grid.get_node_ids()), content, "evaluate")
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         good = [r.content["metrics"] for r in replies if not r.has_error() and r.content["metrics"]["num-examples"]]

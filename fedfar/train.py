@@ -85,8 +85,8 @@ def train(
     """Fine-tune `model` in place with `spec`; returns {"learners", "steps", "priming_steps", "losses"}.
 
     FAR: if `learners` is given (e.g. a mask sent by a federated server) they are used and no priming runs;
-    otherwise the first `priming_share` of the steps train fully, nodes are scored, and the model is
-    reconfigured. The optimizer is rebuilt over the new tensors with the learners' moments carried across and
+    otherwise the first `priming_share` of the steps train all FFN nodes (and whatever else the policy trains),
+    nodes are scored, and the model is reconfigured. The optimizer is rebuilt over the new tensors with the learners' moments carried across and
     the learning-rate schedule goes on where it was (restarting it leaves CoLA predicting one class).
     """
     device = next(model.parameters()).device
@@ -103,6 +103,9 @@ def train(
         reconfigure(model, learners, get_policy(spec.policy), cfg.preact_storage)
     priming = 0
     if spec.method == "far" and learners is None:
+        # Priming trains every FFN node, and what the policy trains: a part the policy freezes stays frozen for
+        # the whole run (and priming never needs more memory than the policy allows elsewhere).
+        apply_policy(model, get_policy(spec.policy))
         priming = max(1, round(cfg.priming_share * total))
         before = ffn_weights(model)
     opt = make_optimizer(model, cfg)
