@@ -86,26 +86,26 @@ def train(
 
     FAR: if `learners` is given (e.g. a mask sent by a federated server) they are used and no priming runs;
     otherwise the first `priming_share` of the steps train all FFN nodes (and whatever else the policy trains),
-    nodes are scored, and the model is reconfigured. The optimizer is rebuilt over the new tensors with the learners' moments carried across and
-    the learning-rate schedule goes on where it was (restarting it leaves CoLA predicting one class).
+    nodes are scored, and the model is reconfigured. The optimizer is then rebuilt over the new tensors with the
+    learners' moments carried across, and the learning-rate schedule goes on where it was (restarting it leaves
+    CoLA predicting one class).
     """
     device = next(model.parameters()).device
     steps_per_epoch = len(loader)
     total = max(1, math.ceil(epochs * steps_per_epoch))
     warmup = round(cfg.warmup_share * total)
+    priming = 0
     if spec.method == "bitfit":
         apply_bitfit(model)
-    elif spec.method == "full" and spec.policy != "paper":
+    elif spec.method == "full" or (spec.method == "far" and learners is None):
+        # FAR's priming trains every FFN node and what the policy trains: a part the policy freezes stays frozen
+        # for the whole run, so priming never needs more memory than the policy allows elsewhere.
         apply_policy(model, get_policy(spec.policy))
     elif spec.method == "random" and learners is None:
         learners = random_learners(ffn_sizes(model), spec.retention, cfg.seed)
     if spec.reconfigures and learners is not None:
         reconfigure(model, learners, get_policy(spec.policy), cfg.preact_storage)
-    priming = 0
-    if spec.method == "far" and learners is None:
-        # Priming trains every FFN node, and what the policy trains: a part the policy freezes stays frozen for
-        # the whole run (and priming never needs more memory than the policy allows elsewhere).
-        apply_policy(model, get_policy(spec.policy))
+    elif spec.method == "far":
         priming = max(1, round(cfg.priming_share * total))
         before = ffn_weights(model)
     opt = make_optimizer(model, cfg)

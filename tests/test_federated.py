@@ -33,7 +33,8 @@ def runs(tmp_path_factory):
         "global": _run(tmp, "global"),
         "again": _run(tmp, "again", **{"num-rounds": 1}),
         "again2": _run(tmp, "again2", **{"num-rounds": 1}),
-        "local": _run(tmp, "local", **{"mask-mode": "local", "codec": "int8", "num-rounds": 1}),
+        "local": _run(tmp, "local", **{"mask-mode": "local", "codec": "int8", "num-rounds": 1,
+                                        "federated-eval": True, "eval-share": 0.25}),
     }
 
 
@@ -122,6 +123,9 @@ def test_local_mask_mode_sends_row_indices_and_int8_deltas(runs):
     assert (ledger.codec_rel_l2 > 0).all() and (ledger.codec_rel_l2 < 0.02).all()
     # Round 1 downlink carries no FFN rows yet: nobody has trained any.
     assert (ledger.payload_down == _payload(cfg, [[]] * 2)).all()
+    # Federated evaluation on each device's held-out quarter, next to the server's dev-set metric.
+    rounds = pd.read_csv(run / "rounds.csv")
+    assert {"mcc", "fed_mcc"} <= set(rounds.columns) and -1 <= rounds.fed_mcc.iloc[-1] <= 1
 
 
 def test_no_process_is_left_behind(runs):
