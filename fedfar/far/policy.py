@@ -15,16 +15,17 @@ from .arch import blocks, get_attr, layout_of
 
 @dataclass(frozen=True)
 class Policy:
-    embeddings: bool = True  # word/position/token-type tables (their LayerNorm counts as layernorm)
+    embeddings: bool = True  # the embeddings module: word/position/token-type tables and their LayerNorm
     attention: bool = True   # Q, K, V and output projections
-    layernorm: bool = True   # every LayerNorm
+    layernorm: bool = True   # every LayerNorm of the transformer blocks
     head: bool = True        # everything outside the base model (classifier, pre-classifier) + the pooler
 
 
 POLICIES: dict[str, Policy] = {
     # The paper: only the non-learner FFN nodes are frozen.
     "paper": Policy(),
-    # Embedding tables frozen too: their gradient (vocab x hidden) and Adam state are the largest single cost.
+    # The embeddings module frozen too: its gradient (vocab x hidden) and Adam state are the largest single
+    # cost, and with nothing below the first block training, no gradient flows into the embeddings at all.
     "frozen-embeddings": Policy(embeddings=False),
     # Attention frozen as well: FFN learners, LayerNorm and the head train.
     "frozen-attention": Policy(embeddings=False, attention=False),
@@ -112,8 +113,10 @@ def apply_policy(model: nn.Module, policy: Policy) -> None:
     pooler = getattr(base, "pooler", None)
     if pooler is not None:
         groups.append((policy.head, list(pooler.parameters())))
-    # LayerNorm last: it overrides the groups it sits in (embeddings and attention own LayerNorms).
-    groups.append((policy.layernorm, [p for m in model.modules() if _is_layernorm(m) for p in m.parameters(False)]))
+    # Block LayerNorms last: they override the group they sit in (BERT's attention owns one).
+    embedding_params = {id(p) for p in get_attr(base, layout.embeddings).parameters()}
+    groups.append((policy.layernorm, [p for m in model.modules() if _is_layernorm(m) for p in m.parameters(False)
+                                      if id(p) not in embedding_params]))
     for trains, params in groups:
         for p in params:
             if id(p) not in ffn_params:
