@@ -33,8 +33,9 @@ def prepare(model: torch.nn.Module, spec: MethodSpec, seed: int = 0, preact_stor
 def random_batch(model: torch.nn.Module, batch_size: int, seq_len: int, seed: int = 0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     vocab = min(model.config.vocab_size, 30522)
+    low = 1000 if vocab > 2000 else 0  # skip BERT's special and unused ids where the vocabulary has them
     batch = {
-        "input_ids": torch.randint(1000, vocab, (batch_size, seq_len), generator=gen),
+        "input_ids": torch.randint(low, vocab, (batch_size, seq_len), generator=gen),
         "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
     }
     if model.config.num_labels == 1:
