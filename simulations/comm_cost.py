@@ -36,13 +36,15 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--variants", default="fedavg-full,fedavg-full-emb,far10-emb,far10-emb-local,far10-attn-int8")
     p.add_argument("--partitioners", default="iid,dirichlet")
+    p.add_argument("--dirichlet-variants", default="fedavg-full,far10-emb,far10-attn-int8",
+                   help="variants run on the Dirichlet split (default: the baseline and two FAR variants)")
     p.add_argument("--out", default="results/comm_cost")
     args = p.parse_args()
 
     out = (PROJECT_DIR / args.out).resolve()
     rows = []
     for part in args.partitioners.split(","):
-        for name in args.variants.split(","):
+        for name in (args.dirichlet_variants if part == "dirichlet" else args.variants).split(","):
             if name not in VARIANTS:
                 raise SystemExit(f"unknown variant {name!r}: choose from {', '.join(VARIANTS)}")
             run_name = f"{part}-{name}"
