@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from .data import PARTITION_SCHEMES, default_glue_dir, get_task
+from .data import PARTITION_SCHEMES, get_task, resolve_source
 from .deltas import CODECS
 from .far import PREACT_STORAGE, MethodSpec
 
@@ -97,13 +97,7 @@ class RunConfig:
 
     @property
     def data_source(self) -> str | Path:
-        if self.data == "hub":
-            return "hub"
-        path = Path(self.data).expanduser() if self.data else default_glue_dir()
-        if not path.is_dir():
-            raise FileNotFoundError(f"GLUE folder {path} does not exist: set run-config data to a classic GLUE "
-                                    "folder, to 'hub', or set FEDFAR_GLUE_DIR")
-        return path
+        return resolve_source(self.data)
 
     @property
     def label(self) -> str:

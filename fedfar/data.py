@@ -123,6 +123,17 @@ def default_glue_dir() -> Path:
     return candidates[0] / "shared" / "data" / "glue"
 
 
+def resolve_source(data: str) -> str | Path:
+    """A `data` setting -> what load_glue takes: "hub", a given classic folder, or "" for the local default."""
+    if data == "hub":
+        return "hub"
+    path = Path(data).expanduser() if data else default_glue_dir()
+    if not path.is_dir():
+        raise FileNotFoundError(f"GLUE folder {path} does not exist: give a classic GLUE folder "
+                                "(<dir>/<Task>/train.tsv, dev.tsv), 'hub', or set FEDFAR_GLUE_DIR")
+    return path
+
+
 # --------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import compute_metrics, default_glue_dir, get_task, load_glue, make_loader, tokenize
+from .data import compute_metrics, get_task, load_glue, make_loader, resolve_source, tokenize
 from .far import MethodSpec, merge
 from .models import load_model, load_tokenizer
 from .train import TrainConfig, predict, train
@@ -41,20 +41,10 @@ class FinetuneConfig:
         return task, spec
 
 
-def data_source(data: str) -> str | Path:
-    if data == "hub":
-        return "hub"
-    path = Path(data).expanduser() if data else default_glue_dir()
-    if not path.is_dir():
-        raise FileNotFoundError(f"GLUE folder {path} does not exist: pass --data <dir> (classic layout "
-                                "<dir>/<Task>/train.tsv, dev.tsv), --data hub, or set FEDFAR_GLUE_DIR")
-    return path
-
-
 def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     """Fine-tune, evaluate on the dev set after each epoch, write config, metrics and the merged model."""
     task, spec = cfg.validate()
-    source = data_source(cfg.data)
+    source = resolve_source(cfg.data)
     out = Path(cfg.out or f"results/finetune/{task.name}-{spec.label}-seed{cfg.seed}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
