@@ -10,9 +10,10 @@ The FLOP count feeds the simulated clock (fedfar.devices.round_time): FLOPs of t
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 import weakref
 from dataclasses import dataclass, replace
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -274,6 +275,14 @@ _EXTRA_FLOP_FORMULAS = {
 }
 
 
+@contextmanager
+def count_flops() -> Iterator[FlopCounterMode]:
+    """Count the FLOPs of the real work done inside: matmul-like ops as torch's FlopCounterMode counts them, plus
+    the ones it misses (_EXTRA_FLOP_FORMULAS). Read `.get_total_flops()` afterwards."""
+    with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
+        yield counter
+
+
 def train_step_flops(model: nn.Module, batch: Mapping[str, Tensor]) -> int:
     """FLOPs of one training forward + backward of `batch` on `model` as configured (its requires_grad flags,
     SplitFFN branches), counted by torch's FlopCounterMode: matmul-like ops only (elementwise ops and the optimizer
@@ -287,7 +296,7 @@ def train_step_flops(model: nn.Module, batch: Mapping[str, Tensor]) -> int:
     was_training = model.training
     model.train()
     try:
-        with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
+        with count_flops() as counter:
             out = model(**batch)
             if getattr(out, "loss", None) is None:
                 raise ValueError("the batch has no labels: a training step needs a loss")

@@ -71,7 +71,16 @@ def _run(args: argparse.Namespace) -> None:
         overrides[key.strip()] = _parse_value(value.strip())
     # Validate the whole run config here, before a SuperLink or Ray starts.
     values = run_config_values(args.config, overrides)
+    for key in ("fleet", "device-catalog"):  # the app runs in the project directory: pass files as absolute paths
+        if values.get(key):
+            overrides[key] = values[key] = str(Path(values[key]).expanduser().resolve())
     cfg = RunConfig.from_flower(values)
+    if cfg.fleet:  # every device must at least hold the model: say so now, not after Ray has started
+        from .data import get_task
+        from .edge import check_fleet
+        from .models import load_model
+
+        check_fleet(cfg, args.supernodes, load_model(cfg.model, get_task(cfg.task).num_labels, seed=cfg.seed))
     name = cfg.run_name or f"{cfg.task}-{cfg.label}-{datetime.now():%Y%m%d-%H%M%S}"
     overrides["run-name"] = name
     t0 = time.perf_counter()

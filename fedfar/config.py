@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .data import PARTITION_SCHEMES, get_task, resolve_source
+from .budget import PLAN_POLICIES
 from .deltas import CODECS
 from .far import PREACT_STORAGE, MethodSpec
 
@@ -45,6 +46,11 @@ class RunConfig:
     results_dir: str = "results/runs"
     run_name: str = ""
     save_model: bool = True        # the final global model as an ordinary save_pretrained folder
+    # Simulated devices (fedfar.edge, DESIGN §3). fleet = "" simulates none: no budgets, no simulated clock.
+    fleet: str = ""                # fleet TOML (configs/fleets/*.toml): one device profile per partition
+    device_catalog: str = ""       # extra device catalog on top of configs/devices.toml (same names replace)
+    oom_policy: str = "adapt"      # over budget: adapt (micro-batch, retention, recompute) or fail like a device
+    deadline_s: float = 0.0        # simulated round deadline; slower clients are dropped; 0 = none
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> "RunConfig":
@@ -83,10 +89,16 @@ class RunConfig:
             (self.alpha > 0, "alpha (Dirichlet concentration) must be positive"),
             (0 <= self.eval_share < 1, "eval-share must be in [0, 1)"),
             (0 < self.priming_share <= 1, "priming-share must be in (0, 1]"),
+            (self.oom_policy in PLAN_POLICIES, f"oom-policy {self.oom_policy!r}: choose {' or '.join(PLAN_POLICIES)}"),
+            (self.deadline_s >= 0, "deadline-s must be >= 0 (0 = no deadline)"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        for key, path in (("fleet", self.fleet), ("device-catalog", self.device_catalog)):
+            if path and not Path(path).expanduser().is_file():
+                raise FileNotFoundError(f"{key} {path!r}: no such file (paths are relative to the directory the "
+                                        "run starts in, e.g. configs/fleets/mixed_edge.toml)")
         if self.data not in ("", "hub") and not Path(self.data).expanduser().is_dir():
             raise FileNotFoundError(f"data folder {self.data} does not exist (classic GLUE layout "
                                     "<dir>/<Task>/train.tsv); use '' for the local default or 'hub'")

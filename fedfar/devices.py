@@ -264,6 +264,22 @@ def round_duration(times: Sequence[float], deadline_s: float | None = None) -> t
     return min(deadline_s, slowest), [t <= deadline_s for t in times]
 
 
+def clock_round(entries: list[dict], profiles: Mapping[int, DeviceProfile], deadline_s: float | None = None) -> float:
+    """One round of the simulated clock over ledger entries (dicts with node_id, status, bytes_down, bytes_up and,
+    for devices that trained, train_flops). Adds sim_download_s / sim_compute_s / sim_upload_s / sim_total_s to each
+    entry of a simulated device that answered ("ok", or "oom": it received the part and sent its refusal), marks
+    an "ok" entry that missed the deadline "late", and returns the round's duration."""
+    timed = [e for e in entries if e["node_id"] in profiles and e["status"] in ("ok", "oom")]
+    for e in timed:
+        t = round_time(profiles[e["node_id"]], e["bytes_down"], e["bytes_up"], e.get("train_flops", 0.0))
+        e.update({f"sim_{k}": v for k, v in t.items()})
+    duration, in_time = round_duration([e["sim_total_s"] for e in timed], deadline_s)
+    for e, ok in zip(timed, in_time):
+        if not ok and e["status"] == "ok":
+            e["status"] = "late"
+    return duration
+
+
 def available(profiles: Sequence[DeviceProfile], rng: random.Random) -> list[bool]:
     """Who can be selected this round: one Bernoulli(availability) draw each, from the caller's seeded rng."""
     return [rng.random() < p.availability for p in profiles]

@@ -7,14 +7,18 @@ worker and reused (`WorkerCache`), never once per round.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
 from . import exchange
+from .budget import TrainingShape, count_flops
 from .config import RunConfig
+from .devices import DeviceProfile
+from .edge import DevicePlan, device_plan
 from .data import compute_metrics, get_task, load_glue, load_partition, make_loader, tokenize
-from .far import MethodSpec, ffn_sizes, ffn_weights, merge, node_scores, random_learners, select_learners
+from .far import MethodSpec, ffn_sizes, num_learners, ffn_weights, merge, node_scores, random_learners, select_learners
 from .models import load_model, load_tokenizer
 from .train import TrainConfig, predict, train
 
@@ -24,6 +28,7 @@ class WorkerCache:
     models: dict = field(default_factory=dict)      # (model ref, num_labels, seed) -> (model, pristine state)
     tokenizers: dict = field(default_factory=dict)
     partitions: dict = field(default_factory=dict)  # (...) -> (train tokenized, eval tokenized | None)
+    plans: dict = field(default_factory=dict)       # (device profile, run shape) -> DevicePlan
 
     def model(self, cfg: RunConfig) -> torch.nn.Module:
         """The pretrained model, reset to its pristine weights (a device holds the checkpoint)."""
@@ -62,11 +67,23 @@ class WorkerCache:
         return self.partitions[key]
 
 
+    def device_plan(self, cfg: RunConfig, profile: DeviceProfile) -> DevicePlan:
+        """The device's budget plan, accounted once per worker (it depends on the shape, not on the data)."""
+        key = (profile, cfg.model, cfg.method, cfg.mask_mode, cfg.batch_size, cfg.max_length, cfg.preact_storage,
+               cfg.oom_policy, cfg.seed)
+        if key not in self.plans:
+            self.plans[key] = device_plan(cfg, self.model(cfg), profile)
+        return self.plans[key]
+
+
 CACHE = WorkerCache()
 
 
-def train_config(cfg: RunConfig, seed: int) -> TrainConfig:
-    return TrainConfig(lr=cfg.lr, seed=seed, priming_share=cfg.priming_share, preact_storage=cfg.preact_storage)
+def train_config(cfg: RunConfig, seed: int, shape: TrainingShape | None = None) -> TrainConfig:
+    """The local optimiser settings; with a device plan's shape, its micro-batch and pre-activation storage."""
+    micro = shape.micro_batch if shape and shape.micro_batch < shape.batch_size else 0
+    return TrainConfig(lr=cfg.lr, seed=seed, priming_share=cfg.priming_share, micro_batch=micro,
+                       preact_storage=shape.preact_storage if shape else cfg.preact_storage)
 
 
 def priming_steps(cfg: RunConfig, steps_per_round: int) -> int:
@@ -74,25 +91,38 @@ def priming_steps(cfg: RunConfig, steps_per_round: int) -> int:
     return max(1, round(cfg.priming_share * steps_per_round * cfg.num_rounds))
 
 
-def prime_scores(model: torch.nn.Module, loader, steps: int, cfg: RunConfig, seed: int) -> list[torch.Tensor]:
+def prime_scores(model: torch.nn.Module, loader, steps: int, cfg: RunConfig, seed: int,
+                 shape: TrainingShape | None = None) -> list[torch.Tensor]:
     """Prime for `steps` steps and return each FFN node's L1 weight movement. The model is restored."""
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     before = ffn_weights(model)
     # All FFN nodes train; outside the FFN, the policy holds (frozen embeddings stay frozen while priming too).
     spec = MethodSpec("full", policy=cfg.spec.policy)
-    train(model, loader, spec, epochs=steps / len(loader), cfg=train_config(cfg, seed))
+    train(model, loader, spec, epochs=steps / len(loader), cfg=train_config(cfg, seed, shape))
     scores = node_scores(before, ffn_weights(model))
     model.load_state_dict(saved)
     return scores
 
 
-def choose_learners(model, loader, cfg: RunConfig, seed: int) -> list[torch.Tensor]:
-    """A device's own learner mask (local mask mode)."""
-    spec = cfg.spec
+def choose_learners(model, loader, cfg: RunConfig, seed: int, spec: MethodSpec | None = None,
+                    shape: TrainingShape | None = None) -> list[torch.Tensor]:
+    """A device's own learner mask (local mask mode), at `spec`'s retention (a device plan may have lowered it);
+    `shape` is the priming phase's budget shape."""
+    spec = spec or cfg.spec
     if spec.method == "random":
         return random_learners(ffn_sizes(model), spec.retention, seed)
-    scores = prime_scores(model, loader, priming_steps(cfg, len(loader)), cfg, seed)
+    scores = prime_scores(model, loader, priming_steps(cfg, len(loader)), cfg, seed, shape)
     return select_learners(scores, spec.retention)
+
+
+def subset_rows(rows: list[torch.Tensor], retention: float, sizes: list[int], seed: int) -> list[torch.Tensor]:
+    """A device that had to lower its retention trains a seeded random subset of the server's learners."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for r, d in zip(rows, sizes):
+        k = min(len(r), num_learners(d, retention))
+        out.append(r[torch.randperm(len(r), generator=gen)[:k]].sort().values)
+    return out
 
 
 def local_update(
@@ -103,21 +133,31 @@ def local_update(
     loader,
     cfg: RunConfig,
     seed: int,
+    spec: MethodSpec | None = None,
+    shape: TrainingShape | None = None,
+    count: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Load the received part into the pristine model, fine-tune, and return (delta part, metrics)."""
-    spec = cfg.spec
+    """Load the received part into the pristine model, fine-tune, and return (delta part, metrics).
+
+    `spec` / `shape`: the method and the budget shape a device plan chose (default: the run's own). `count`:
+    count the FLOPs of the training actually done (for the simulated clock).
+    """
+    spec = spec or cfg.spec
     state = model.state_dict()
     exchange.write(state, part_down, plan)
     before = exchange.select(state, plan, rows)
     t0 = time.perf_counter()
-    result = train(model, loader, spec, cfg.local_epochs, train_config(cfg, seed), learners=rows)
+    with count_flops() if count else nullcontext() as counter:
+        result = train(model, loader, spec, cfg.local_epochs, train_config(cfg, seed, shape), learners=rows)
     train_time = time.perf_counter() - t0
     merge(model)
     after = exchange.select(model.state_dict(), plan, rows)
     delta = {k: (after[k] - before[k]) if not k.endswith(".rows") else after[k] for k in after}
     losses = result["losses"]
-    return delta, {"train-loss": float(sum(losses) / len(losses)), "train-time-s": train_time,
-                   "steps": result["steps"]}
+    metrics = {"train-loss": float(sum(losses) / len(losses)), "train-time-s": train_time, "steps": result["steps"]}
+    if counter is not None:
+        metrics["train-flops"] = float(counter.get_total_flops())
+    return delta, metrics
 
 
 def evaluate(model, ds_tok, tokenizer, task, batch_size: int = 128) -> dict[str, float]:

@@ -52,15 +52,37 @@ def read_jsonl(path: Path) -> pd.DataFrame:
     return pd.read_json(path, lines=True)
 
 
+def device_summary(folder: RunFolder, history: list[dict], metric: str) -> dict:
+    """Participation and the simulated clock of a run with simulated devices (train rounds only)."""
+    ledger = read_jsonl(folder.path / "ledger.jsonl")
+    train = ledger[ledger["phase"] == "train"]
+    n = max(1, len(train))
+    return {"participation": float((train["status"] == "ok").sum() / n), "selections": int(len(train)),
+            "selections_oom": int((train["status"] == "oom").sum()),
+            "selections_late": int((train["status"] == "late").sum()),
+            "devices_never_trained": sorted(set(ledger.loc[ledger["phase"] == "register", "device"].dropna())
+                                            - set(train.loc[train["status"] == "ok", "device"].dropna())),
+            "sim_time_s": float(history[-1]["sim_time_s"]), "best_metric": max(h[metric] for h in history)}
+
+
+def time_to_target(rounds: pd.DataFrame, metric: str, target: float) -> float | None:
+    """Simulated seconds until the dev metric first reaches `target` (None if it never does)."""
+    hit = rounds[rounds[metric] >= target]
+    return float(hit["sim_time_s"].iloc[0]) if not hit.empty else None
+
+
 def plot_runs(run_dirs: list[Path], out_dir: Path, metric: str | None = None, title: str = "") -> list[Path]:
-    """Metric vs round and metric vs cumulative MB (up + down) for one or many runs, on shared axes."""
+    """Metric vs round, vs cumulative MB (up + down) and, for runs with simulated devices, vs simulated time,
+    for one or many runs on shared axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out_dir = Path(out_dir)
-    fig, (ax_r, ax_mb) = plt.subplots(1, 2, figsize=(11, 4))
+    clocked = any("sim_time_s" in read_jsonl(Path(r) / "rounds.jsonl").columns for r in run_dirs)
+    fig, axes = plt.subplots(1, 3 if clocked else 2, figsize=(16 if clocked else 11, 4))
+    ax_r, ax_mb = axes[0], axes[1]
     for run in run_dirs:
         run = Path(run)
         rounds = read_jsonl(run / "rounds.jsonl")
@@ -72,8 +94,13 @@ def plot_runs(run_dirs: list[Path], out_dir: Path, metric: str | None = None, ti
         mb = rounds["mb_up"] + rounds["mb_down"]
         ax_r.plot(rounds["round"], rounds[m], marker="o", label=label)
         ax_mb.plot(mb, rounds[m], marker="o", label=label)
+        if clocked and "sim_time_s" in rounds.columns:
+            axes[2].plot(rounds["sim_time_s"] / 60, rounds[m], marker="o", label=label)
         metric = m
-    for ax, xlabel in ((ax_r, "round"), (ax_mb, "cumulative MB exchanged (up + down)")):
+    labels = [(ax_r, "round"), (ax_mb, "cumulative MB exchanged (up + down)")]
+    if clocked:
+        labels.append((axes[2], "simulated time (min)"))
+    for ax, xlabel in labels:
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"dev {metric}")
         ax.grid(alpha=0.3)

@@ -16,7 +16,8 @@ from .config import RunConfig
 from .data import get_task, load_glue, partition_summary, tokenize
 from .local import evaluate
 from .models import load_model, load_tokenizer
-from .results import RunFolder
+from .edge import check_fleet
+from .results import RunFolder, device_summary
 from .strategy import FedFar
 
 app = ServerApp()
@@ -33,12 +34,13 @@ def main(grid: Grid, context: Context) -> None:
     folder.write_json("config.json", cfg.as_dict())
 
     model = load_model(cfg.model, task.num_labels, seed=cfg.seed)
+    num_nodes = len(list(grid.get_node_ids()))
+    check_fleet(cfg, num_nodes, model)  # a device that cannot even run the model fails the run here, not later
     tokenizer = load_tokenizer(cfg.model)
     dev = load_glue(task, task.dev_splits[0], cfg.data_source)
     if cfg.dev_examples:
         dev = dev.select(range(min(cfg.dev_examples, len(dev))))
     dev_tok = tokenize(dev, tokenizer, task, cfg.max_length)
-    num_nodes = len(list(grid.get_node_ids()))
     train = load_glue(task, "train", cfg.data_source)
     folder.write_json("partitions.json", partition_summary(train, num_nodes, cfg.partitioner, task,
                                                            **{k: v for k, v in cfg.partition_kwargs().items()
@@ -57,6 +59,8 @@ def main(grid: Grid, context: Context) -> None:
         "server_wall_s": wall, "setup_s": setup_s, "busy_s": out["busy_s"],
         "overhead_s": wall - out["busy_s"], "overhead_share": (wall - out["busy_s"]) / wall,
     }
+    if out["devices"]:
+        summary.update(device_summary(folder, out["history"], task.primary_metric))
     if cfg.save_model:
         model.save_pretrained(folder.path / "model")  # stock layout: loads with plain transformers
         tokenizer.save_pretrained(folder.path / "model")
@@ -69,6 +73,9 @@ def main(grid: Grid, context: Context) -> None:
         f"  wall     {wall:10.1f} s    training+evaluation {out['busy_s']:.1f} s, "
         f"other {summary['overhead_s']:.1f} s ({100 * summary['overhead_share']:.1f}%: set-up, loading, "
         "serialization, aggregation)",
+        *([f"  devices  participation {summary['participation']:.0%} of selections "
+           f"({summary['selections_oom']} out of memory, {summary['selections_late']} late), simulated time "
+           f"{summary['sim_time_s']:.0f} s"] if out["devices"] else []),
         f"  results  {folder.path}  (config.json, rounds.csv, ledger.csv, partitions.json, summary.json, *.png)",
     ]
     for line in lines:

@@ -21,6 +21,8 @@ from flwr.serverapp.strategy import Strategy
 from . import exchange
 from .config import RunConfig
 from .deltas import decode, encode, payload_nbytes, serialized_nbytes
+from .devices import DeviceProfile, available, clock_round
+from .edge import profile_from_record
 from .far import ffn_sizes, random_learners, select_learners
 from .results import RunFolder
 
@@ -41,12 +43,27 @@ class FedFar(Strategy):
         if self.plan.sliced and cfg.mask_mode == "local":
             self.rows = [torch.zeros(0, dtype=torch.long) for _ in self.sizes]
         self.busy: list[tuple[float, float]] = []  # wall-clock intervals of training / evaluation anywhere
+        # Simulated devices: node id -> profile (from the register round); availability has its own stream so
+        # switching devices on does not change which clients the sampler would otherwise pick.
+        self.profiles: dict[int, DeviceProfile] = {}
+        self.avail_rng = random.Random(cfg.seed + 1)
+        self.deadline = cfg.deadline_s or None
+        self.sim_time = 0.0
 
     # ----------------------------------------------------------------------------------------- messages
     def _sample(self, grid: Grid) -> list[int]:
+        """`fraction-train` of all nodes, drawn among those available this round (all, without devices)."""
         nodes = sorted(grid.get_node_ids())
         k = max(1, round(self.cfg.fraction_train * len(nodes)))
-        return sorted(self.rng.sample(nodes, k))
+        nodes = self._available(nodes)
+        return sorted(self.rng.sample(nodes, min(k, len(nodes))))
+
+    def _available(self, nodes: list[int]) -> list[int]:
+        """The nodes whose device is available this round (one seeded draw each); all without devices."""
+        if not self.profiles:
+            return nodes
+        up = available([self.profiles[n] for n in nodes], self.avail_rng)
+        return [n for n, ok in zip(nodes, up) if ok]
 
     @staticmethod
     def _messages(nodes: list[int], content: RecordDict, message_type: str) -> list[Message]:
@@ -62,6 +79,33 @@ class FedFar(Strategy):
         replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(messages)} if messages else {}
         return [(m, replies.get(m.metadata.dst_node_id)) for m in messages]
 
+    # ----------------------------------------------------------------------------------------- devices
+    def register(self, grid: Grid) -> None:
+        """Ask every node which partition and which device it is. Devices are simulated when nodes have one."""
+        nodes = sorted(grid.get_node_ids())
+        messages = self._messages(nodes, RecordDict({"config": ConfigRecord({"server-round": 0})}), "query.register")
+        entries = []
+        for msg_out, reply in self._send(grid, messages):
+            entry = self._ledger_entry(0, "register", msg_out, reply)
+            entries.append(entry)
+            if entry["status"] == "ok" and (profile := profile_from_record(reply.content["device"])) is not None:
+                self.profiles[msg_out.metadata.dst_node_id] = profile
+        self.folder.append_ledger(entries)
+        bad = [e for e in entries if e["status"] != "ok"]
+        if bad:
+            raise RuntimeError(f"{len(bad)} of {len(entries)} nodes failed to register: {bad[0]['error']}")
+        if self.profiles:
+            counts: dict[str, int] = {}
+            for p in self.profiles.values():
+                counts[p.name] = counts.get(p.name, 0) + 1
+            log(INFO, "devices: %s", ", ".join(f"{n} x{c}" for n, c in sorted(counts.items())))
+
+    def clock(self, entries: list[dict]) -> float:
+        """Advance the simulated clock by one round (fedfar.devices.clock_round); stragglers become "late"."""
+        duration = clock_round(entries, self.profiles, self.deadline)
+        self.sim_time += duration
+        return duration
+
     # ----------------------------------------------------------------------------------------- priming
     def choose_global_mask(self, grid: Grid) -> None:
         """Round 0 of global mask mode: clients send node scores; the server picks one mask for everyone."""
@@ -70,16 +114,17 @@ class FedFar(Strategy):
         if self.spec.method == "random":
             self.rows = random_learners(self.sizes, self.spec.retention, self.cfg.seed)
             return
-        nodes = sorted(grid.get_node_ids())
         content = RecordDict({"config": ConfigRecord({"server-round": 0})})
-        messages = self._messages(nodes, content, "train.prime")
+        messages = self._messages(self._available(sorted(grid.get_node_ids())), content, "train.prime")
         scores, total, rows, answered = [torch.zeros(d, dtype=torch.float64) for d in self.sizes], 0.0, [], []
-        for msg_out, reply in self._send(grid, messages):
-            entry = self._ledger_entry(0, "prime", msg_out, reply)
+        pairs = self._send(grid, messages)
+        for msg_out, reply in pairs:
+            rows.append(self._ledger_entry(0, "prime", msg_out, reply))
+        self.clock(rows)
+        for (msg_out, reply), entry in zip(pairs, rows):
             if entry["status"] == "ok":
                 answered.append(reply)
                 self.busy.append((entry["prime_start"], entry["prime_end"]))
-            rows.append(entry)
         # Partition order, not arrival order, so the sums (and ties in the ranking) repeat run after run.
         for reply in sorted(answered, key=lambda r: r.content["metrics"]["partition-id"]):
             w = float(reply.content["metrics"]["num-examples"])
@@ -106,10 +151,10 @@ class FedFar(Strategy):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         deltas = []
         # Partition order, not arrival order: float sums then come out the same in every run with the same seed.
-        ok = [r for r in replies if not r.has_error()]
+        ok = [r for r in replies if not r.has_error() and "delta" in r.content]
         for reply in sorted(ok, key=lambda r: r.content["metrics"]["partition-id"]):
             delta = decode(reply.content["delta"])
-            if self.plan.sliced and self.cfg.mask_mode == "global":
+            if self.plan.sliced and self.cfg.mask_mode == "global" and "ffn.0.rows" not in delta:
                 delta.update({f"ffn.{i}.rows": r for i, r in enumerate(self.rows)})
             deltas.append((delta, float(reply.content["metrics"]["num-examples"])))
         exchange.merge_deltas(self.state, deltas, self.plan, self.cfg.server_lr)
@@ -155,21 +200,29 @@ class FedFar(Strategy):
             return entry
         entry["payload_up"] = _payload(reply.content)
         metrics = dict(reply.content["metrics"]) if "metrics" in reply.content else {}
-        entry["status"] = "ok"
-        for k, v in metrics.items():
-            entry[k.replace("-", "_")] = v
+        device = dict(reply.content["device"]) if "device" in reply.content else {}
+        entry["status"] = "oom" if str(device.get("status", "ok")).startswith("oom") else "ok"
+        if phase == "register":
+            device = {"device": device["name"]} if "name" in device else {}
+        for k, v in {**metrics, **device}.items():
+            if k != "status":
+                entry[k.replace("-", "_")] = v
+        if entry["status"] == "oom":
+            entry["error"] = str(device["status"])
         return entry
 
     def run(self, grid: Grid) -> dict:
-        """Priming (if any), then `num_rounds` of train / aggregate / evaluate, with the ledger and results."""
+        """Register, priming (if any), then `num_rounds` of train / aggregate / evaluate, with the ledger."""
         self.summary()
         t_run = time.perf_counter()
+        self.register(grid)
         self.choose_global_mask(grid)
         history = []
         t_eval = time.time()
         base = self.evaluate_fn()
         self.busy.append((t_eval, time.time()))
-        history.append({"round": 0, **base, "mb_up": 0.0, "mb_down": 0.0, "wall_s": time.perf_counter() - t_run})
+        history.append({"round": 0, **base, "mb_up": 0.0, "mb_down": 0.0, "wall_s": time.perf_counter() - t_run,
+                        **({"sim_time_s": self.sim_time} if self.profiles else {})})
         self.folder.append_round(history[-1])
         mb_up = mb_down = 0.0
         for rnd in range(1, self.cfg.num_rounds + 1):
@@ -178,12 +231,15 @@ class FedFar(Strategy):
             pairs = self._send(grid, messages)
             wait = time.perf_counter() - t_send
             entries = [self._ledger_entry(rnd, "train", m, r) for m, r in pairs]
+            sim_round = self.clock(entries) if self.profiles else None
             for e in entries:
-                if e["status"] == "ok":
+                if "train_start" in e:
                     self.busy.append((e["train_start"], e["train_end"]))
-                else:
-                    log(WARNING, "round %d: node %s %s %s", rnd, e["node_id"], e["status"], e["error"])
-            self.aggregate_train(rnd, [r for _, r in pairs if r is not None])
+                if e["status"] != "ok":
+                    log(WARNING, "round %d: node %s (%s) %s %s", rnd, e["node_id"], e.get("device", "-"),
+                        e["status"], e["error"] or f"{e.get('sim_total_s', 0):.0f} s > deadline {self.deadline} s")
+            # Only updates that arrived in (simulated) time are merged.
+            self.aggregate_train(rnd, [r for (_, r), e in zip(pairs, entries) if r is not None and e["status"] == "ok"])
             eval_pairs = self._send(grid, list(self.configure_evaluate(rnd, ArrayRecord(), ConfigRecord(), grid)))
             fed_eval = self.aggregate_evaluate(rnd, [r for _, r in eval_pairs if r is not None])
             t_eval = time.time()
@@ -195,15 +251,22 @@ class FedFar(Strategy):
             ok = sum(e["status"] == "ok" for e in entries)
             row = {"round": rnd, **metrics, "clients": len(entries), "clients_ok": ok, "mb_up": mb_up,
                    "mb_down": mb_down, "round_wait_s": wait, "wall_s": time.perf_counter() - t_run}
+            if sim_round is not None:
+                row.update(sim_round_s=sim_round, sim_time_s=self.sim_time,
+                           clients_oom=sum(e["status"] == "oom" for e in entries),
+                           clients_late=sum(e["status"] == "late" for e in entries))
             if fed_eval:
                 row.update({f"fed_{k}": v for k, v in fed_eval.items()})
             history.append(row)
             self.folder.append_ledger(entries)
             self.folder.append_round(row)
-            log(INFO, "[round %d/%d] %d/%d clients ok | %s | up %.2f MB, down %.2f MB (cumulative %.2f / %.2f) | %.0f s",
+            sim = (f" | simulated round {sim_round:.0f} s, total {self.sim_time / 60:.1f} min"
+                   if sim_round is not None else "")
+            log(INFO, "[round %d/%d] %d/%d clients ok | %s | up %.2f MB, down %.2f MB (cumulative %.2f / %.2f) | %.0f s%s",
                 rnd, self.cfg.num_rounds, ok, len(entries),
-                ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), up, down, mb_up, mb_down, wait)
-        return {"history": history, "wall_s": time.perf_counter() - t_run, "busy_s": union_seconds(self.busy)}
+                ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), up, down, mb_up, mb_down, wait, sim)
+        return {"history": history, "wall_s": time.perf_counter() - t_run, "busy_s": union_seconds(self.busy),
+                "devices": bool(self.profiles)}
 
 
 def _payload(content: RecordDict) -> int:

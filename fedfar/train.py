@@ -35,6 +35,7 @@ class TrainConfig:
     preact_storage: str = "bfloat16"
     max_grad_norm: float = 1.0
     seed: int = 0
+    micro_batch: int = 0  # examples per forward/backward, with gradient accumulation; 0 = the whole batch
 
 
 def linear_schedule(step: int, total: int, warmup: int) -> float:
@@ -123,13 +124,12 @@ def train(
                 opt, before = new_opt, None
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * linear_schedule(step, total, warmup)
-            loss = model(**_to_device(batch, device)).loss
-            loss.backward()
+            loss = _forward_backward(model, _to_device(batch, device), cfg.micro_batch)
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            losses.append(loss)
             if on_step:
                 on_step(step, losses[-1])
             step += 1
@@ -139,6 +139,27 @@ def train(
         if on_epoch:
             on_epoch(epoch)
     return {"learners": learners, "steps": total, "priming_steps": priming, "losses": losses}
+
+
+def _forward_backward(model: nn.Module, batch: dict, micro_batch: int) -> float:
+    """Loss of `batch` and its gradient, in micro-batches when `micro_batch` is smaller than the batch.
+
+    Each micro-batch's mean loss is weighted by its share of the batch, so the accumulated gradient is the
+    gradient of the batch's mean loss (what one big step computes), up to float rounding. Only one micro-batch's
+    activations are alive at a time: that is the memory saving a device over budget buys with time.
+    """
+    n = len(batch["labels"])
+    if not micro_batch or micro_batch >= n:
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.item()
+    total = 0.0
+    for start in range(0, n, micro_batch):
+        part = {k: v[start:start + micro_batch] for k, v in batch.items()}
+        loss = model(**part).loss * (len(part["labels"]) / n)
+        loss.backward()
+        total += loss.item()
+    return total
 
 
 @torch.no_grad()

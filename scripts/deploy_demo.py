@@ -26,11 +26,18 @@ except ModuleNotFoundError:  # 3.10: the same parser, as installed with flwr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 from fedfar import launch  # noqa: E402
+from fedfar.devices import load_catalog  # noqa: E402
 
 CONNECTION = "fedfar-demo"
 NUM_NODES = 2
 # Small enough for ~2-4 min on 2 cores, yet a full round trip: priming, one round of training, evaluation.
 TINY = {"num-rounds": 1, "max-train-examples": 64, "dev-examples": 128, "batch-size": 16}
+
+
+def node_config(i: int, devices: list[str]) -> str:
+    """What a real SuperNode is started with: its partition and, optionally, which device it is."""
+    device = f" device='{devices[i]}'" if devices else ""
+    return f"partition-id={i} num-partitions={NUM_NODES}{device}"
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
@@ -93,12 +100,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-config", help="run-config TOML file (default: pyproject's [tool.flwr.app.config])")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="run-config override, TOML value; repeatable; applied after the file and the tiny job")
+    p.add_argument("--devices", default="",
+                   help="comma-separated device profiles, one per SuperNode (configs/devices.toml), e.g. "
+                        "jetson-nano,phone-midrange: each node then checks its memory budget and the ledger gets "
+                        "the simulated clock")
     p.add_argument("--full", action="store_true", help="do not apply the tiny-job overrides " + str(TINY))
     args = p.parse_args(argv)
 
     project = launch.PROJECT_DIR
     config = launch.resolve_config(args.run_config, project)  # fail before starting anything
     overrides = ({} if args.full else dict(TINY)) | parse_set(args.set)
+    devices = [d.strip() for d in args.devices.split(",") if d.strip()]
+    if devices and len(devices) != NUM_NODES:
+        raise SystemExit(f"--devices: give one profile per SuperNode ({NUM_NODES}), got {len(devices)}")
+    catalog = load_catalog()
+    if unknown := [d for d in devices if d not in catalog]:
+        raise SystemExit(f"--devices: unknown profile(s) {unknown}; valid: {', '.join(sorted(catalog))}")
     env = launch.flower_env(project)
     home = Path(env["FLWR_HOME"])
     demo = home / "deploy-demo"
@@ -129,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                     procs.append(_start([launch.bin_path("flower-supernode"), "--insecure",
                                          "--superlink", f"127.0.0.1:{port}",
                                          "--host", "127.0.0.1", "--port", str(node_port),
-                                         "--node-config", f"partition-id={i} num-partitions={NUM_NODES}"],
+                                         "--node-config", node_config(i, devices)],
                                         env, project, node_logs[-1]))
                     print(f"SuperNode {i} on 127.0.0.1:{node_port} (pid {procs[-1].pid})", flush=True)
                 wait_for_nodes(NUM_NODES, env, procs[1:], node_logs)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from fedfar.launch import PROJECT_DIR, run_simulation
+from common import run_variant
+from fedfar.launch import PROJECT_DIR
 from fedfar.results import plot_runs
 
 # name -> run-config overrides
@@ -37,7 +38,7 @@ def main() -> None:
     p.add_argument("--variants", default="fedavg-full,fedavg-full-emb,far10-emb,far10-emb-local,far10-attn-int8")
     p.add_argument("--partitioners", default="iid,dirichlet")
     p.add_argument("--dirichlet-variants", default="fedavg-full,far10-emb",
-                   help="variants run on the Dirichlet split (default: the baseline and two FAR variants)")
+                   help="variants run on the Dirichlet split (default: the baseline and FAR10-emb)")
     p.add_argument("--out", default="results/comm_cost")
     args = p.parse_args()
 
@@ -47,16 +48,10 @@ def main() -> None:
         for name in (args.dirichlet_variants if part == "dirichlet" else args.variants).split(","):
             if name not in VARIANTS:
                 raise SystemExit(f"unknown variant {name!r}: choose from {', '.join(VARIANTS)}")
-            run_name = f"{part}-{name}"
-            run_dir = out / "runs" / run_name
-            if not (run_dir / "summary.json").exists():
-                print(f"=== {run_name} ===", flush=True)
-                code = run_simulation(args.config, args.clients, overrides={
-                    **VARIANTS[name], "partitioner": part, "results-dir": str(out / "runs"),
-                    "run-name": run_name, "save-model": False})
-                if code != 0:
-                    print(f"{run_name}: failed (exit {code}); continuing with the others")
-                    continue
+            run_dir = run_variant(args.config, args.clients, out / "runs", f"{part}-{name}",
+                                  {**VARIANTS[name], "partitioner": part})
+            if run_dir is None:
+                continue
             rows.append(summarize(run_dir, name, part))
     write(rows, out)
 

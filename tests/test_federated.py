@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from fedfar import exchange
+from fedfar.budget import TrainingShape, peak_bytes
 from fedfar.config import RunConfig
+from fedfar.devices import load_catalog
 from fedfar.data import default_glue_dir
 from fedfar.deltas import encode, payload_nbytes
 from fedfar.launch import PROJECT_DIR, process_tree, run_simulation
@@ -26,10 +28,29 @@ def _run(tmp: Path, name: str, **overrides) -> Path:
     return tmp / name
 
 
+def _fleet(tmp: Path) -> dict:
+    """Two devices for configs/tiny.toml trained with `full`: 'roomy' fits, 'cramped' is short of the whole-batch
+    peak but fits with micro-batches of 4 (budgets from the accounting itself, so they bite whatever the model)."""
+    factory = lambda: load_model("random:bert-tiny", 2, seed=0)  # noqa: E731
+    whole = peak_bytes(factory, "full", TrainingShape.for_method("full", 8, 32)).peak_training_bytes
+    half = peak_bytes(factory, "full", TrainingShape.for_method("full", 8, 32, micro_batch=4)).peak_training_bytes
+    assert half < whole
+    (tmp / "devices.toml").write_text(
+        f'[roomy]\nmemory = {4 * whole}\ncompute = "2 GFLOPS"\nuplink = "1 Mbit/s"\ndownlink = "4 Mbit/s"\n'
+        'availability = 1.0\n'
+        f'[cramped]\nmemory = {(half + whole) // 2}\ncompute = "1 GFLOPS"\nuplink = "0.5 Mbit/s"\n'
+        'downlink = "2 Mbit/s"\navailability = 1.0\n')
+    (tmp / "fleet.toml").write_text('devices = ["roomy", "cramped"]\n')
+    return {"method": "full", "fleet": str(tmp / "fleet.toml"), "device-catalog": str(tmp / "devices.toml")}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("runs")
+    fleet = _fleet(tmp)
     return {
+        "oom-fail": _run(tmp, "oom-fail", **fleet, **{"oom-policy": "fail"}),
+        "oom-adapt": _run(tmp, "oom-adapt", **fleet, **{"oom-policy": "adapt", "num-rounds": 1}),
         "global": _run(tmp, "global"),
         "again": _run(tmp, "again", **{"num-rounds": 1}),
         "again2": _run(tmp, "again2", **{"num-rounds": 1}),
@@ -114,7 +135,8 @@ def test_same_seed_gives_same_partitions_and_same_metrics(runs):
 def test_local_mask_mode_sends_row_indices_and_int8_deltas(runs):
     run = runs["local"]
     ledger = pd.read_csv(run / "ledger.csv")
-    assert set(ledger.phase) == {"train"} and (ledger.status == "ok").all()  # no priming round in local mode
+    assert set(ledger.phase) == {"register", "train"} and (ledger.status == "ok").all()  # no priming round
+    ledger = ledger[ledger.phase == "train"]
     cfg = _cfg(run)
     rows = [list(range(128))] * 2  # bert-tiny: 2 FFN blocks of 512 nodes, 25% learners (sizes are what count)
     # int8 (a byte per element + a float32 scale per row) with each device's own int32 row indices.
@@ -126,6 +148,54 @@ def test_local_mask_mode_sends_row_indices_and_int8_deltas(runs):
     # Federated evaluation on each device's held-out quarter, next to the server's dev-set metric.
     rounds = pd.read_csv(run / "rounds.csv")
     assert {"mcc", "fed_mcc"} <= set(rounds.columns) and -1 <= rounds.fed_mcc.iloc[-1] <= 1
+
+
+def _clock_matches_the_formula(ledger: pd.DataFrame, catalog: dict) -> None:
+    for _, e in ledger[ledger.phase == "train"].iterrows():
+        p = catalog[e.device]
+        flops = 0.0 if pd.isna(e.get("train_flops")) else e.train_flops
+        want = e.bytes_down / p.downlink_bytes_per_s + flops / p.flops_per_s + e.bytes_up / p.uplink_bytes_per_s
+        assert e.sim_total_s == pytest.approx(want, rel=1e-9)
+
+
+def test_a_device_over_budget_fails_as_configured_and_the_run_goes_on(runs):
+    run = runs["oom-fail"]
+    cfg = _cfg(run)
+    catalog = load_catalog(extra=cfg.device_catalog)
+    ledger = pd.read_csv(run / "ledger.csv")
+    assert dict(zip(ledger[ledger.phase == "register"].partition_id, ledger[ledger.phase == "register"].device)) \
+        == {0: "roomy", 1: "cramped"}
+    train = ledger[ledger.phase == "train"]
+    cramped, roomy = train[train.device == "cramped"], train[train.device == "roomy"]
+    assert len(cramped) == len(roomy) == 2
+    assert (cramped.status == "oom").all() and (roomy.status == "ok").all()
+    assert (cramped.peak_bytes > cramped.budget_bytes).all() and (cramped.budget_bytes == catalog["cramped"]
+                                                                 .memory_budget_bytes).all()
+    assert (cramped.payload_up == 0).all() and (cramped.error == "oom-train").all()  # figures, no weights
+    assert (roomy.train_flops > 0).all() and (roomy.micro_batch == 8).all()
+    rounds = pd.read_csv(run / "rounds.csv")
+    assert rounds.clients_ok.tolist()[1:] == [1, 1] and rounds.clients_oom.tolist()[1:] == [1, 1]
+    # The simulated clock: per device the formula; per round the slowest; cumulative in rounds.csv.
+    _clock_matches_the_formula(ledger, catalog)
+    slowest = train.groupby("round").sim_total_s.max()
+    assert rounds.sim_round_s.tolist()[1:] == pytest.approx(slowest.tolist())
+    assert rounds.sim_time_s.iloc[-1] == pytest.approx(slowest.sum())
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["participation"] == 0.5 and summary["devices_never_trained"] == ["cramped"]
+
+
+def test_a_device_over_budget_adapts_with_micro_batches_when_allowed(runs):
+    run = runs["oom-adapt"]
+    ledger = pd.read_csv(run / "ledger.csv")
+    train = ledger[ledger.phase == "train"].set_index("device")
+    assert (train.status == "ok").all()
+    assert train.loc["cramped", "micro_batch"] == 4 and train.loc["roomy", "micro_batch"] == 8
+    assert train.loc["cramped", "peak_bytes"] <= train.loc["cramped", "budget_bytes"]
+    assert train.loc["cramped", "adapted"] == "micro-batch 8 -> 4 (2 accumulation steps)"
+    # Micro-batching changes memory, not work: both devices count the same FLOPs per example.
+    per_example = train.train_flops / train.num_examples
+    assert per_example.loc["cramped"] == pytest.approx(per_example.loc["roomy"], rel=0.3)
+    _clock_matches_the_formula(ledger, load_catalog(extra=_cfg(run).device_catalog))
 
 
 def test_no_process_is_left_behind(runs):

@@ -41,3 +41,20 @@ def test_random_selection_moves_exactly_the_learner_rows_of_the_real_model(tmp_p
         moved = (tuned[f"{prefix}.intermediate.dense.weight"] != base[f"{prefix}.intermediate.dense.weight"]).any(1)
         assert moved.sum().item() == round(0.1 * 1536)  # exactly the learners; 1382 frozen rows bit-identical
         assert torch.equal(tuned[f"{prefix}.attention.self.key.weight"], base[f"{prefix}.attention.self.key.weight"])
+
+
+@pytest.mark.parametrize("method", ["full", "far10-emb"])
+def test_accounted_peak_agrees_with_the_profiled_allocator_on_minilm(method):
+    """The accounting vs an independent measurement (the CPU allocator's events under torch.profiler)."""
+    from fedfar.bench import prepare, random_batch
+    from fedfar.far import MethodSpec
+    from fedfar.memory import account, profiled_peak_bytes
+    from fedfar.models import load_model
+
+    model = load_model("minilm", 2, seed=0)
+    prepare(model, MethodSpec.parse(method))
+    batch = random_batch(model, 16, 64)
+    accounted = account(model, batch).peak_training_bytes
+    measured = profiled_peak_bytes(model, batch)
+    assert measured["resident_bytes"] < accounted  # the step itself must add something
+    assert 0.85 < measured["measured_peak_bytes"] / accounted < 1.15

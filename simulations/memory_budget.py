@@ -1,0 +1,140 @@
+"""Memory-budget study: the same mixed edge fleet fine-tunes with FedAvg (ordinary full fine-tuning) and FedFAR.
+
+    python simulations/memory_budget.py                 # MiniLM-L6 on shared SST-2, 10 devices of mixed_edge
+    python simulations/memory_budget.py --target 0.80
+
+Every device checks its accounted peak training memory against its budget before it trains (fedfar.edge).
+With oom-policy "fail" a device over budget refuses, as a real one would run out of memory: FedAvg-full loses the
+small-memory phones, FedFAR keeps them. "fedavg-full-adapt" shows the other way out, micro-batches with gradient
+accumulation. Each run is a real Ray simulation with the simulated clock (FLOPs counted from the work done,
+bytes from Flower's serialization, each device's compute and bandwidth from configs/devices.toml).
+
+Writes <out>/table.md, results.json, memory_check.md (accounted vs profiler-measured peak memory), one figure of
+the metric vs round / MB / simulated time and one bar figure of participation, final metric, bytes and
+simulated time-to-target. Runs whose summary exists are kept when the study is restarted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from common import run_variant
+from fedfar.config import RunConfig
+from fedfar.launch import PROJECT_DIR, run_config_values
+from fedfar.results import plot_runs, time_to_target
+
+VARIANTS: dict[str, dict] = {
+    "fedavg-full": {"method": "full", "oom-policy": "fail"},
+    "fedavg-full-adapt": {"method": "full", "oom-policy": "adapt"},
+    "fedfar-far10-emb": {"method": "far10-emb", "oom-policy": "fail"},
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/memory_budget.toml")
+    p.add_argument("--clients", type=int, default=10)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--target", type=float, default=0.80, help="dev metric for the time-to-target column")
+    p.add_argument("--out", default="results/memory_budget")
+    args = p.parse_args()
+
+    out = (PROJECT_DIR / args.out).resolve()
+    cfg = RunConfig.from_flower(run_config_values(args.config))
+    # The fleet file is read in the project directory by the app; make it absolute for the launcher's check too.
+    fleet = str((PROJECT_DIR / cfg.fleet).resolve())
+    rows = []
+    for name in args.variants.split(","):
+        if name not in VARIANTS:
+            raise SystemExit(f"unknown variant {name!r}: choose from {', '.join(VARIANTS)}")
+        run_dir = run_variant(args.config, args.clients, out / "runs", name, {**VARIANTS[name], "fleet": fleet})
+        if run_dir is not None:
+            rows.append(summarize(run_dir, name, args.target))
+    write(rows, out, args.target)
+    memory_check(cfg, out)
+
+
+def summarize(run_dir: Path, name: str, target: float) -> dict:
+    s = json.loads((run_dir / "summary.json").read_text())
+    rounds = pd.read_csv(run_dir / "rounds.csv")
+    return {"variant": name, "label": s["label"], "metric": s["metric"], "final": s["final_metric"],
+            "best": s["best_metric"], "participation": s["participation"], "selections": s["selections"],
+            "oom": s["selections_oom"], "never_trained": s["devices_never_trained"],
+            "mb_total": s["mb_up"] + s["mb_down"], "sim_time_s": s["sim_time_s"],
+            "time_to_target_s": time_to_target(rounds, s["metric"], target), "run_dir": str(run_dir)}
+
+
+def write(rows: list[dict], out: Path, target: float) -> None:
+    if not rows:
+        return
+    metric = rows[0]["metric"]
+    lines = [f"| variant | participation (trained / selected) | devices that never trained | dev {metric} final "
+             f"(best) | MB up + down | simulated time | time to {metric} {target:g} |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ttt = f"{r['time_to_target_s'] / 60:.1f} min" if r["time_to_target_s"] is not None else "not reached"
+        lines.append(f"| {r['variant']} ({r['label']}) | {r['participation']:.0%} "
+                     f"({r['selections'] - r['oom']} / {r['selections']}; {r['oom']} out of memory) | "
+                     f"{', '.join(r['never_trained']) or 'none'} | {r['final']:.3f} ({r['best']:.3f}) | "
+                     f"{r['mb_total']:.0f} | {r['sim_time_s'] / 60:.1f} min | {ttt} |")
+    table = "\n".join(lines)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(table + "\n")
+    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    path = plot_runs([Path(r["run_dir"]) for r in rows], out, metric, title="SST-2, MiniLM-L6, mixed edge fleet")[0]
+    path.rename(out / "memory_budget_curves.png")
+    bars(rows, out / "memory_budget_bars.png", target)
+    print(table)
+    print(f"wrote {out / 'table.md'}, {out / 'results.json'}, {out}/memory_budget_*.png")
+
+
+def bars(rows: list[dict], path: Path, target: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["variant"] for r in rows]
+    panels = [("participation", [100 * r["participation"] for r in rows], "% of selections that trained"),
+              ("final", [r["final"] for r in rows], f"final dev {rows[0]['metric']}"),
+              ("bytes", [r["mb_total"] for r in rows], "MB exchanged (up + down)"),
+              ("time", [(r["time_to_target_s"] or float("nan")) / 60 for r in rows],
+               f"simulated min to {rows[0]['metric']} {target:g}")]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    for ax, (_, values, title) in zip(axes, panels):
+        ax.bar(names, values, color=["tab:red", "tab:orange", "tab:green", "tab:blue"][: len(names)])
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def memory_check(cfg: RunConfig, out: Path) -> None:
+    """Accounted peak (fedfar.memory) vs the CPU allocator's own events under torch.profiler, at the run's shape."""
+    from fedfar.bench import prepare, random_batch
+    from fedfar.data import get_task
+    from fedfar.far import MethodSpec
+    from fedfar.memory import account, profiled_peak_bytes
+    from fedfar.models import load_model
+
+    lines = [f"| method | accounted peak | measured (torch.profiler, CPU allocator) | measured / accounted |",
+             "|---|---|---|---|"]
+    for method in ("full", "full-emb", "far10-emb", "far10-attn"):
+        model = load_model(cfg.model, get_task(cfg.task).num_labels, seed=cfg.seed)
+        prepare(model, MethodSpec.parse(method))
+        batch = random_batch(model, cfg.batch_size, cfg.max_length)
+        accounted = account(model, batch).peak_training_bytes
+        measured = profiled_peak_bytes(model, batch)["measured_peak_bytes"]
+        lines.append(f"| {method} | {accounted / 2**20:.0f} MiB | {measured / 2**20:.0f} MiB | "
+                     f"{measured / accounted:.2f} |")
+    text = "\n".join(lines)
+    (out / "memory_check.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
