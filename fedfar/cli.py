@@ -104,6 +104,10 @@ def _run(args: argparse.Namespace) -> None:
     print(f"({s['clients']} clients, {s['rounds']} rounds; dev {metric} before training {s['initial_metric']:.4f}. "
           "'other' = wall time outside local training and evaluation: start-up of Flower and Ray, model "
           "loading, data preparation, serialization, aggregation)")
+    if "participation" in s:
+        print(f"devices: {s['participation']:.0%} of {s['selections']} selections trained "
+              f"({s['selections_oom']} out of memory, {s['selections_late']} late); never trained: "
+              f"{', '.join(s['devices_never_trained']) or 'none'}; simulated time {s['sim_time_s'] / 60:.1f} min")
     print(f"results: {folder}  (rounds.csv, ledger.csv, partitions.json, summary.json, metric_vs_round_and_mb.png)")
 
 

@@ -53,15 +53,18 @@ def read_jsonl(path: Path) -> pd.DataFrame:
 
 
 def device_summary(folder: RunFolder, history: list[dict], metric: str) -> dict:
-    """Participation and the simulated clock of a run with simulated devices (train rounds only)."""
+    """Participation and the simulated clock of a run with simulated devices (train rounds only); devices that
+    never trained are listed as "<partition id>:<profile>"."""
     ledger = read_jsonl(folder.path / "ledger.jsonl")
     train = ledger[ledger["phase"] == "train"]
+    registered = ledger[ledger["phase"] == "register"].sort_values("partition_id")
+    trained = set(train.loc[train["status"] == "ok", "partition_id"])
     n = max(1, len(train))
     return {"participation": float((train["status"] == "ok").sum() / n), "selections": int(len(train)),
             "selections_oom": int((train["status"] == "oom").sum()),
             "selections_late": int((train["status"] == "late").sum()),
-            "devices_never_trained": sorted(set(ledger.loc[ledger["phase"] == "register", "device"].dropna())
-                                            - set(train.loc[train["status"] == "ok", "device"].dropna())),
+            "devices_never_trained": [f"{int(r.partition_id)}:{r.device}" for r in registered.itertuples()
+                                      if r.partition_id not in trained],
             "sim_time_s": float(history[-1]["sim_time_s"]), "best_metric": max(h[metric] for h in history)}
 
 

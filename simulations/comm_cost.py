@@ -2,6 +2,8 @@
 
     python simulations/comm_cost.py                        # MiniLM-L6 on shared CoLA, 10 clients
     python simulations/comm_cost.py --partitioners iid --variants fedavg-full,far10-emb
+    python simulations/comm_cost.py --partitioners iid --variants fedavg-full,far10-emb --rounds 20 \
+        --out results/comm_cost_20                         # the same clients, twice the rounds
 
 Every run is a real `flwr run` Ray simulation (fedfar.launch.run_simulation) with its own run folder; runs whose
 summary exists are kept when the study is restarted. Writes <out>/table.md, results.json and one figure with
@@ -39,8 +41,10 @@ def main() -> None:
     p.add_argument("--partitioners", default="iid,dirichlet")
     p.add_argument("--dirichlet-variants", default="fedavg-full,far10-emb",
                    help="variants run on the Dirichlet split (default: the baseline and FAR10-emb)")
+    p.add_argument("--rounds", type=int, default=0, help="override the config's num-rounds (0: keep it)")
     p.add_argument("--out", default="results/comm_cost")
     args = p.parse_args()
+    extra = {"num-rounds": args.rounds} if args.rounds else {}
 
     out = (PROJECT_DIR / args.out).resolve()
     rows = []
@@ -49,7 +53,7 @@ def main() -> None:
             if name not in VARIANTS:
                 raise SystemExit(f"unknown variant {name!r}: choose from {', '.join(VARIANTS)}")
             run_dir = run_variant(args.config, args.clients, out / "runs", f"{part}-{name}",
-                                  {**VARIANTS[name], "partitioner": part})
+                                  {**VARIANTS[name], "partitioner": part, **extra})
             if run_dir is None:
                 continue
             rows.append(summarize(run_dir, name, part))

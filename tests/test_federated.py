@@ -181,7 +181,7 @@ def test_a_device_over_budget_fails_as_configured_and_the_run_goes_on(runs):
     assert rounds.sim_round_s.tolist()[1:] == pytest.approx(slowest.tolist())
     assert rounds.sim_time_s.iloc[-1] == pytest.approx(slowest.sum())
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["participation"] == 0.5 and summary["devices_never_trained"] == ["cramped"]
+    assert summary["participation"] == 0.5 and summary["devices_never_trained"] == ["1:cramped"]
 
 
 def test_a_device_over_budget_adapts_with_micro_batches_when_allowed(runs):
