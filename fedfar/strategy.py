@@ -1,4 +1,5 @@
-"""The FedFAR Flower strategy: priming round, learner masks, masked-delta merging, and the byte ledger.
+"""The FedFAR Flower strategy: device registration, priming round, learner masks, masked-delta merging, the byte
+ledger and (with simulated devices) availability, out-of-memory replies and the simulated clock.
 
 The strategy owns the global model (a stock-layout state dict) and merges client deltas *into* it
 (`fedfar.exchange.merge_deltas`); it never replaces the global arrays with a partial aggregate, which is what
