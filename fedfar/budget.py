@@ -216,7 +216,8 @@ def _weights_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
-def _inference_floor(model: nn.Module, seq_len: int, batch_size: int) -> tuple[int, int]:
+def inference_floor(model: nn.Module, seq_len: int, batch_size: int = 1) -> tuple[int, int]:
+    """(inference floor, weights) in bytes for `batch_size` sequences of `seq_len` tokens on `model`."""
     batch = random_batch(model, batch_size, seq_len)
     batch.pop("labels")  # inference: no loss
     inputs = sum(t.numel() * t.element_size() for t in batch.values())
@@ -227,7 +228,7 @@ def _inference_floor(model: nn.Module, seq_len: int, batch_size: int) -> tuple[i
 def inference_floor_bytes(model_factory: Callable[[], nn.Module], seq_len: int, batch_size: int = 1) -> int:
     """Weights + inputs + the measured peak of live activations of a no-grad forward: below this a device cannot
     even run the frozen model, let alone train it."""
-    return _inference_floor(model_factory(), seq_len, batch_size)[0]
+    return inference_floor(model_factory(), seq_len, batch_size)[0]
 
 
 def _mib(n: int) -> str:
@@ -237,7 +238,11 @@ def _mib(n: int) -> str:
 
 def check_startup(model_factory: Callable[[], nn.Module], seq_len: int, budget_bytes: int, device_name: str) -> None:
     """Reject at start-up a budget too small even for inference: no adaptation can rescue it."""
-    floor, weights = _inference_floor(model_factory(), seq_len, 1)
+    check_floor(budget_bytes, device_name, *inference_floor(model_factory(), seq_len, 1))
+
+
+def check_floor(budget_bytes: int, device_name: str, floor: int, weights: int) -> None:
+    """`check_startup` against a floor already measured (`inference_floor`), for checking many budgets at once."""
     if budget_bytes < floor:
         raise ValueError(
             f"device {device_name}: memory budget {_mib(budget_bytes)} MiB is below the {_mib(floor)} MiB the "

@@ -13,7 +13,7 @@ from .config import RunConfig
 from .data import get_task, make_loader
 from .budget import count_flops
 from .deltas import decode, encode, reconstruction_error
-from .edge import adapted_spec, client_profile, profile_record
+from .edge import adapted_spec, profile_record
 from .far import ffn_sizes
 from .local import CACHE, choose_learners, evaluate, local_update, prime_scores, priming_steps, subset_rows
 
@@ -38,7 +38,7 @@ def _setup(msg: Message, context: Context):
 def register(msg: Message, context: Context) -> Message:
     """Start of a run: which partition and which simulated device this node is (none if devices are off)."""
     cfg = RunConfig.from_flower(context.run_config)
-    profile = client_profile(cfg, context.node_config)
+    profile = CACHE.profile(cfg, context.node_config)
     return Message(RecordDict({
         "metrics": MetricRecord({"partition-id": int(context.node_config["partition-id"])}),
         "device": ConfigRecord(profile_record(profile) if profile else {})}), reply_to=msg)
@@ -54,8 +54,7 @@ def _out_of_memory(msg: Message, pid: int, figures: dict, phase: str) -> Message
 def prime(msg: Message, context: Context) -> Message:
     """Global mask mode, round 0: prime on local data and send node scores (no weights)."""
     cfg, pid, seed, model, loader, _ = _setup(msg, context)
-    profile = client_profile(cfg, context.node_config)
-    dplan = CACHE.device_plan(cfg, profile) if profile else None
+    dplan = CACHE.device_plan(cfg, context.node_config)
     if dplan and not dplan.priming.fits:
         return _out_of_memory(msg, pid, dplan.figures(dplan.priming), "prime")
     start = time.time()
@@ -75,8 +74,7 @@ def train(msg: Message, context: Context) -> Message:
     """Fine-tune on the received trainable part; reply with the delta of the trainable tensors only."""
     cfg, pid, seed, model, loader, _ = _setup(msg, context)
     plan = exchange.plan_for(model, cfg.spec)
-    profile = client_profile(cfg, context.node_config)
-    dplan = CACHE.device_plan(cfg, profile) if profile else None
+    dplan = CACHE.device_plan(cfg, context.node_config)
     if dplan and not dplan.train.fits:  # over budget and not allowed (or not able) to adapt: fail like a device
         return _out_of_memory(msg, pid, dplan.figures(), "train")
     spec = adapted_spec(cfg.spec, dplan.train) if dplan else cfg.spec

@@ -12,7 +12,7 @@ from typing import Mapping
 
 import torch
 
-from .budget import BudgetPlan, TrainingShape, check_startup, plan
+from .budget import BudgetPlan, TrainingShape, check_floor, inference_floor, plan
 from .config import RunConfig
 from .devices import DeviceProfile, Fleet, fleet_from_node_config, load_catalog, load_fleet
 from .far import MethodSpec
@@ -36,9 +36,10 @@ def check_fleet(cfg: RunConfig, num_partitions: int, model: torch.nn.Module) -> 
     fleet = load_run_fleet(cfg, num_partitions)
     if fleet is None:
         return None
+    floor = inference_floor(model, cfg.max_length)  # one forward, however many profiles the fleet has
     for profile in sorted(set(fleet.profiles), key=lambda p: p.memory_budget_bytes):
         try:
-            check_startup(lambda: model, cfg.max_length, profile.memory_budget_bytes, repr(profile.name))
+            check_floor(profile.memory_budget_bytes, repr(profile.name), *floor)
         except ValueError as err:
             raise ValueError(f"fleet {cfg.fleet}: {err} (or take the profile out of the fleet)") from None
     return fleet

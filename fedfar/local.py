@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import torch
 
@@ -16,7 +17,7 @@ from . import exchange
 from .budget import TrainingShape, count_flops
 from .config import RunConfig
 from .devices import DeviceProfile
-from .edge import DevicePlan, device_plan
+from .edge import DevicePlan, client_profile, device_plan
 from .data import compute_metrics, get_task, load_glue, load_partition, make_loader, tokenize
 from .far import MethodSpec, ffn_sizes, num_learners, ffn_weights, merge, node_scores, random_learners, select_learners
 from .models import load_model, load_tokenizer
@@ -28,6 +29,7 @@ class WorkerCache:
     models: dict = field(default_factory=dict)      # (model ref, num_labels, seed) -> (model, pristine state)
     tokenizers: dict = field(default_factory=dict)
     partitions: dict = field(default_factory=dict)  # (...) -> (train tokenized, eval tokenized | None)
+    profiles: dict = field(default_factory=dict)    # (fleet and catalog files, node) -> DeviceProfile | None
     plans: dict = field(default_factory=dict)       # (device profile, run shape) -> DevicePlan
 
     def model(self, cfg: RunConfig) -> torch.nn.Module:
@@ -66,9 +68,19 @@ class WorkerCache:
                                     tokenize(held_out, tok, task, cfg.max_length) if held_out else None)
         return self.partitions[key]
 
+    def profile(self, cfg: RunConfig, node_config: Mapping) -> DeviceProfile | None:
+        """This node's simulated device (None: devices off), read from the fleet and catalog once per worker."""
+        key = (cfg.fleet, cfg.device_catalog, cfg.partition_seed, tuple(sorted(node_config.items())))
+        if key not in self.profiles:
+            self.profiles[key] = client_profile(cfg, node_config)
+        return self.profiles[key]
 
-    def device_plan(self, cfg: RunConfig, profile: DeviceProfile) -> DevicePlan:
-        """The device's budget plan, accounted once per worker (it depends on the shape, not on the data)."""
+    def device_plan(self, cfg: RunConfig, node_config: Mapping) -> DevicePlan | None:
+        """The node's device budget plan (None: devices off), accounted once per worker: it depends on the
+        shape, not on the data."""
+        profile = self.profile(cfg, node_config)
+        if profile is None:
+            return None
         key = (profile, cfg.model, cfg.method, cfg.mask_mode, cfg.batch_size, cfg.max_length, cfg.preact_storage,
                cfg.oom_policy, cfg.seed)
         if key not in self.plans:

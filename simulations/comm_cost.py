@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from common import run_variant
+from common import plot_study, run_variant, write_study
 from fedfar.launch import PROJECT_DIR
-from fedfar.results import plot_runs
 
 # name -> run-config overrides
 VARIANTS: dict[str, dict] = {
@@ -87,13 +86,10 @@ def write(rows: list[dict], out: Path) -> None:
                          f"{r['up_bytes_per_client_round'] / base['up_bytes_per_client_round']:.4f} | "
                          f"{r['down_bytes_per_client_round'] / 1e6:.3f} MB | {r['mb_total']:.1f} |")
     table = "\n".join(lines)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(table + "\n")
-    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    write_study(out, table, rows)
     for part in dict.fromkeys(r["partitioner"] for r in rows):
         runs = [Path(r["run_dir"]) for r in rows if r["partitioner"] == part]
-        path = plot_runs(runs, out, rows[0]["metric"], title=f"CoLA, MiniLM-L6, {part}")[0]
-        path.rename(out / f"comm_cost_{part}.png")
+        plot_study(runs, out, rows[0]["metric"], f"CoLA, MiniLM-L6, {part}", f"comm_cost_{part}.png")
     print(table)
     print(f"wrote {out / 'table.md'}, {out / 'results.json'}, {out}/comm_cost_*.png")
 

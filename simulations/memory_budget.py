@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from common import run_variant
+from common import plot_study, run_variant, write_study
 from fedfar.config import RunConfig
 from fedfar.launch import PROJECT_DIR, run_config_values
-from fedfar.results import plot_runs, time_to_target
+from fedfar.results import time_to_target
 
 VARIANTS: dict[str, dict] = {
     "fedavg-full": {"method": "full", "oom-policy": "fail"},
@@ -81,11 +81,9 @@ def write(rows: list[dict], out: Path, target: float) -> None:
                      f"{', '.join(r['never_trained']) or 'none'} | {r['final']:.3f} ({r['best']:.3f}) | "
                      f"{r['mb_total']:.0f} | {r['sim_time_s'] / 60:.1f} min | {ttt} |")
     table = "\n".join(lines)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(table + "\n")
-    (out / "results.json").write_text(json.dumps(rows, indent=2))
-    path = plot_runs([Path(r["run_dir"]) for r in rows], out, metric, title="SST-2, MiniLM-L6, mixed edge fleet")[0]
-    path.rename(out / "memory_budget_curves.png")
+    write_study(out, table, rows)
+    plot_study([Path(r["run_dir"]) for r in rows], out, metric, "SST-2, MiniLM-L6, mixed edge fleet",
+               "memory_budget_curves.png")
     bars(rows, out / "memory_budget_bars.png", target)
     print(table)
     print(f"wrote {out / 'table.md'}, {out / 'results.json'}, {out}/memory_budget_*.png")
