@@ -75,6 +75,14 @@ def _run(args: argparse.Namespace) -> None:
         if values.get(key):
             overrides[key] = values[key] = str(Path(values[key]).expanduser().resolve())
     cfg = RunConfig.from_flower(values)
+    if (cfg.device == "cuda") != (args.gpus_per_client > 0):
+        raise ValueError(f"device {cfg.device!r} with --gpus-per-client {args.gpus_per_client:g}: clients train on "
+                         "a GPU only with both --set device=cuda and a GPU share (Ray hides GPUs from clients "
+                         "without one), e.g. --set device=cuda --gpus-per-client 0.25")
+    if cfg.device == "cuda":
+        from .gpu import resolve_device
+
+        resolve_device(cfg.device)  # no GPU here: say so before a SuperLink or Ray starts
     if cfg.fleet:  # every device must at least hold the model: say so now, not after Ray has started
         from .data import get_task
         from .edge import check_fleet
@@ -84,7 +92,8 @@ def _run(args: argparse.Namespace) -> None:
     name = cfg.run_name or f"{cfg.task}-{cfg.label}-{datetime.now():%Y%m%d-%H%M%S}"
     overrides["run-name"] = name
     t0 = time.perf_counter()
-    code = run_simulation(args.config, args.supernodes, args.cpus_per_client, overrides)
+    code = run_simulation(args.config, args.supernodes, args.cpus_per_client, overrides,
+                          gpus_per_client=args.gpus_per_client)
     wall = time.perf_counter() - t0
     folder = Path(PROJECT_DIR) / cfg.results_dir / name
     summary_path = folder / "summary.json"
@@ -130,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--lr", type=float, default=d.lr)
     ft.add_argument("--seed", type=int, default=d.seed)
     ft.add_argument("--max-length", type=int, default=d.max_length)
+    ft.add_argument("--device", default=d.device, choices=["cpu", "cuda"], help="where to train")
     ft.add_argument("--data", default=d.data, help="'hub', a classic GLUE folder; default: ../shared/data/glue "
                                                   "or $FEDFAR_GLUE_DIR")
     ft.add_argument("--max-train-examples", type=int, default=d.max_train_examples, help="0 = all")
@@ -160,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config", nargs="?", default="configs/quickstart.toml", help="run-config TOML")
     r.add_argument("--supernodes", type=int, default=6, help="simulated devices (= data partitions)")
     r.add_argument("--cpus-per-client", type=int, default=1, help="Ray CPUs per ClientApp (whole number)")
+    r.add_argument("--gpus-per-client", type=float, default=0.0,
+                   help="Ray GPU share per ClientApp (e.g. 0.25: four clients per GPU); needs --set device=cuda")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a run-config key, e.g. --set num-rounds=2 (repeatable)")
     r.set_defaults(func=_run)

@@ -15,6 +15,7 @@ from .budget import count_flops
 from .deltas import decode, encode, reconstruction_error
 from .edge import adapted_spec, profile_record
 from .far import ffn_sizes
+from .gpu import BudgetExceeded
 from .local import CACHE, choose_learners, evaluate, local_update, prime_scores, priming_steps, subset_rows
 
 app = ClientApp()
@@ -50,6 +51,17 @@ def _out_of_memory(msg: Message, pid: int, figures: dict, phase: str) -> Message
                                "device": ConfigRecord({**figures, "status": f"oom-{phase}"})}), reply_to=msg)
 
 
+def _budget(dplan) -> int | None:
+    """The cap a CUDA device enforces for real (fedfar.gpu): the simulated device's budget, if any."""
+    return dplan.profile.memory_budget_bytes if dplan else None
+
+
+def _over_real_budget(msg: Message, pid: int, dplan, err: BudgetExceeded, phase: str) -> Message:
+    """The GPU's allocator refused past the cap: report it like a planned out-of-memory, with what it measured."""
+    planned = (dplan.figures(dplan.priming if phase == "prime" else None)) if dplan else {}
+    return _out_of_memory(msg, pid, {**planned, **err.usage.figures()}, f"{phase}-cuda")
+
+
 @app.train("prime")
 def prime(msg: Message, context: Context) -> Message:
     """Global mask mode, round 0: prime on local data and send node scores (no weights)."""
@@ -58,9 +70,12 @@ def prime(msg: Message, context: Context) -> Message:
     if dplan and not dplan.priming.fits:
         return _out_of_memory(msg, pid, dplan.figures(dplan.priming), "prime")
     start = time.time()
-    with count_flops() as counter:
-        scores = prime_scores(model, loader, priming_steps(cfg, len(loader)), cfg, seed,
-                              dplan.priming.shape if dplan else None)
+    try:
+        with count_flops() as counter:
+            scores = prime_scores(model, loader, priming_steps(cfg, len(loader)), cfg, seed,
+                                  dplan.priming.shape if dplan else None, _budget(dplan))
+    except BudgetExceeded as err:
+        return _over_real_budget(msg, pid, dplan, err, "prime")
     metrics = MetricRecord({"num-examples": len(loader.dataset), "partition-id": pid,
                             "prime-start": start, "prime-end": time.time(),
                             "train-flops": float(counter.get_total_flops())})
@@ -87,16 +102,24 @@ def train(msg: Message, context: Context) -> Message:
         if "learners" not in context.state:  # first participation: pick this device's own learners
             if dplan and dplan.priming is not None and not dplan.priming.fits:
                 return _out_of_memory(msg, pid, dplan.figures(dplan.priming), "prime")
-            with count_flops() as counter:
-                learners = choose_learners(model, loader, cfg, seed, spec,
-                                           dplan.priming.shape if dplan and dplan.priming else None)
+            try:
+                with count_flops() as counter:
+                    learners = choose_learners(model, loader, cfg, seed, spec,
+                                               dplan.priming.shape if dplan and dplan.priming else None,
+                                               _budget(dplan))
+            except BudgetExceeded as err:
+                return _over_real_budget(msg, pid, dplan, err, "prime")
             flops = float(counter.get_total_flops())
             context.state["learners"] = encode({str(i): rows_i for i, rows_i in enumerate(learners)})
         stored = decode(context.state["learners"])
         rows = [stored[str(i)].long() for i in range(len(plan.ffn))]
     elif plan.sliced and spec.retention != cfg.spec.retention:  # the budget plan lowered this device's retention
         rows = subset_rows(rows, spec.retention, ffn_sizes(model), seed)
-    delta, metrics = local_update(model, part_down, plan, rows, loader, cfg, seed, spec, shape, count=bool(dplan))
+    try:
+        delta, metrics = local_update(model, part_down, plan, rows, loader, cfg, seed, spec, shape,
+                                      count=bool(dplan), budget_bytes=_budget(dplan))
+    except BudgetExceeded as err:
+        return _over_real_budget(msg, pid, dplan, err, "train")
     metrics.update({"train-start": start, "train-end": time.time()})
     if dplan:
         metrics["train-flops"] += flops

@@ -13,6 +13,7 @@ from .data import PARTITION_SCHEMES, get_task, resolve_source
 from .budget import PLAN_POLICIES
 from .deltas import CODECS
 from .far import PREACT_STORAGE, MethodSpec
+from .gpu import DEVICES
 
 MASK_MODES = ("global", "local")
 
@@ -51,6 +52,7 @@ class RunConfig:
     device_catalog: str = ""       # extra device catalog on top of configs/devices.toml (same names replace)
     oom_policy: str = "adapt"      # over budget: adapt (micro-batch, retention, recompute) or fail like a device
     deadline_s: float = 0.0        # simulated round deadline; slower clients are dropped; 0 = none
+    device: str = "cpu"            # where clients train: cpu, or cuda (budgets then also capped for real, fedfar.gpu)
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> "RunConfig":
@@ -91,6 +93,7 @@ class RunConfig:
             (0 < self.priming_share <= 1, "priming-share must be in (0, 1]"),
             (self.oom_policy in PLAN_POLICIES, f"oom-policy {self.oom_policy!r}: choose {' or '.join(PLAN_POLICIES)}"),
             (self.deadline_s >= 0, "deadline-s must be >= 0 (0 = no deadline)"),
+            (self.device in DEVICES, f"device {self.device!r}: choose {' or '.join(DEVICES)}"),
         ]
         for ok, message in checks:
             if not ok:

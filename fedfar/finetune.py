@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from .data import compute_metrics, get_task, load_glue, make_loader, resolve_source, tokenize
 from .far import MethodSpec, merge
+from .gpu import resolve_device
 from .models import load_model, load_tokenizer
 from .train import TrainConfig, predict, train
 
@@ -31,6 +32,7 @@ class FinetuneConfig:
     preact_storage: str = "bfloat16"
     out: str = ""
     save_model: bool = True
+    device: str = "cpu"  # or "cuda" where torch sees a GPU
 
     def validate(self) -> tuple:
         """Fail before any compute: returns (task, spec)."""
@@ -38,6 +40,7 @@ class FinetuneConfig:
         spec = MethodSpec.parse(self.method)
         if self.epochs <= 0 or self.batch_size <= 0 or self.lr <= 0:
             raise ValueError("epochs, batch size and learning rate must be positive")
+        resolve_device(self.device)
         return task, spec
 
 
@@ -59,7 +62,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     train_loader = make_loader(tokenize(train_ds, tokenizer, task, cfg.max_length), tokenizer, cfg.batch_size,
                                shuffle=True, seed=cfg.seed)
     dev_loader = make_loader(tokenize(dev_ds, tokenizer, task, cfg.max_length), tokenizer, 128, shuffle=False)
-    model = load_model(cfg.model, task.num_labels, seed=cfg.seed)
+    model = load_model(cfg.model, task.num_labels, seed=cfg.seed).to(resolve_device(cfg.device))
 
     history: list[dict] = []
     total = int(cfg.epochs * len(train_loader) + 0.999)

@@ -494,11 +494,12 @@ def _owned_file(path: Path | None, owned: bool) -> Iterator[Path | None]:
 
 def run_simulation(config: str | Path | None, num_supernodes: int, cpus_per_client: float = 1.0,
                    overrides: dict[str, object] | None = None, project_dir: Path = PROJECT_DIR,
-                   stream: bool = True) -> int:
+                   stream: bool = True, gpus_per_client: float = 0.0) -> int:
     """Run the Flower app as a local Ray simulation and return 0 only if the run completed.
 
     `config`: a run-config TOML (None = pyproject defaults); `overrides`: run-config keys on top of it.
-    `cpus_per_client`: Ray CPUs per ClientApp; Flower 1.41 accepts whole numbers only.
+    `cpus_per_client`: Ray CPUs per ClientApp; Flower 1.41 accepts whole numbers only. `gpus_per_client`: Ray's
+    GPU share per ClientApp (0: clients see no GPU), for runs with device = "cuda".
     `stream=False` keeps flwr's output off stdout; it is always in .flwr/local-superlink/flwr-run.log.
     Returns flwr's exit code if it failed, else 0/1 from the run's final status (see `flwr_run`).
     Every process started here (SuperLink, superexec, flwr-simulation, Ray) is stopped before returning.
@@ -513,7 +514,11 @@ def run_simulation(config: str | Path | None, num_supernodes: int, cpus_per_clie
     env = flower_env(project_dir)
     flwr_home = Path(env["FLWR_HOME"])
     run_toml, owned = merged_run_config(config_path, overrides, project_dir, flwr_home / "run-configs")
+    if gpus_per_client < 0:
+        raise ValueError(f"gpus_per_client must be >= 0, got {gpus_per_client}")
     federation = f"num-supernodes={int(num_supernodes)} client-resources-num-cpus={int(cpus_per_client)}"
+    if gpus_per_client:
+        federation += f" client-resources-num-gpus={float(gpus_per_client)}"
     with _owned_file(run_toml, owned), SignalGuard() as guard:
         superlink = None
         try:

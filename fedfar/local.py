@@ -18,6 +18,7 @@ from .budget import TrainingShape, count_flops
 from .config import RunConfig
 from .devices import DeviceProfile
 from .edge import DevicePlan, client_profile, device_plan
+from .gpu import on_device, resolve_device
 from .data import compute_metrics, get_task, load_glue, load_partition, make_loader, tokenize
 from .far import MethodSpec, ffn_sizes, num_learners, ffn_weights, merge, node_scores, random_learners, select_learners
 from .models import load_model, load_tokenizer
@@ -104,26 +105,29 @@ def priming_steps(cfg: RunConfig, steps_per_round: int) -> int:
 
 
 def prime_scores(model: torch.nn.Module, loader, steps: int, cfg: RunConfig, seed: int,
-                 shape: TrainingShape | None = None) -> list[torch.Tensor]:
-    """Prime for `steps` steps and return each FFN node's L1 weight movement. The model is restored."""
+                 shape: TrainingShape | None = None, budget_bytes: int | None = None) -> list[torch.Tensor]:
+    """Prime for `steps` steps and return each FFN node's L1 weight movement. The model is restored.
+
+    `budget_bytes`: on a CUDA `device`, the real cap on the training process's GPU memory (fedfar.gpu)."""
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     before = ffn_weights(model)
     # All FFN nodes train; outside the FFN, the policy holds (frozen embeddings stay frozen while priming too).
     spec = MethodSpec("full", policy=cfg.spec.policy)
-    train(model, loader, spec, epochs=steps / len(loader), cfg=train_config(cfg, seed, shape))
+    with on_device(model, resolve_device(cfg.device), budget_bytes):
+        train(model, loader, spec, epochs=steps / len(loader), cfg=train_config(cfg, seed, shape))
     scores = node_scores(before, ffn_weights(model))
     model.load_state_dict(saved)
     return scores
 
 
 def choose_learners(model, loader, cfg: RunConfig, seed: int, spec: MethodSpec | None = None,
-                    shape: TrainingShape | None = None) -> list[torch.Tensor]:
+                    shape: TrainingShape | None = None, budget_bytes: int | None = None) -> list[torch.Tensor]:
     """A device's own learner mask (local mask mode), at `spec`'s retention (a device plan may have lowered it);
     `shape` is the priming phase's budget shape."""
     spec = spec or cfg.spec
     if spec.method == "random":
         return random_learners(ffn_sizes(model), spec.retention, seed)
-    scores = prime_scores(model, loader, priming_steps(cfg, len(loader)), cfg, seed, shape)
+    scores = prime_scores(model, loader, priming_steps(cfg, len(loader)), cfg, seed, shape, budget_bytes)
     return select_learners(scores, spec.retention)
 
 
@@ -148,25 +152,29 @@ def local_update(
     spec: MethodSpec | None = None,
     shape: TrainingShape | None = None,
     count: bool = False,
+    budget_bytes: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Load the received part into the pristine model, fine-tune, and return (delta part, metrics).
 
     `spec` / `shape`: the method and the budget shape a device plan chose (default: the run's own). `count`:
-    count the FLOPs of the training actually done (for the simulated clock).
+    count the FLOPs of the training actually done (for the simulated clock). `budget_bytes`: on a CUDA
+    `device`, the real cap on GPU memory while training (fedfar.gpu; raises BudgetExceeded past it).
     """
     spec = spec or cfg.spec
     state = model.state_dict()
     exchange.write(state, part_down, plan)
     before = exchange.select(state, plan, rows)
     t0 = time.perf_counter()
-    with count_flops() if count else nullcontext() as counter:
+    with count_flops() if count else nullcontext() as counter, \
+            on_device(model, resolve_device(cfg.device), budget_bytes) as usage:
         result = train(model, loader, spec, cfg.local_epochs, train_config(cfg, seed, shape), learners=rows)
     train_time = time.perf_counter() - t0
     merge(model)
     after = exchange.select(model.state_dict(), plan, rows)
     delta = {k: (after[k] - before[k]) if not k.endswith(".rows") else after[k] for k in after}
     losses = result["losses"]
-    metrics = {"train-loss": float(sum(losses) / len(losses)), "train-time-s": train_time, "steps": result["steps"]}
+    metrics = {"train-loss": float(sum(losses) / len(losses)), "train-time-s": train_time, "steps": result["steps"],
+               **usage.figures()}
     if counter is not None:
         metrics["train-flops"] = float(counter.get_total_flops())
     return delta, metrics

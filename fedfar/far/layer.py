@@ -129,10 +129,11 @@ class SplitFFN(nn.Module):
         is_learner[learners] = True
         frozen = (~is_learner).nonzero().flatten()
         w1, w2 = fc1.weight.detach(), fc2.weight.detach()
-        b1 = fc1.bias.detach() if fc1.bias is not None else torch.zeros(d_ff, dtype=w1.dtype)
+        b1 = fc1.bias.detach() if fc1.bias is not None else w1.new_zeros(d_ff)
 
-        self.register_buffer("learner_index", learners)
-        self.register_buffer("frozen_index", frozen)
+        # Index buffers live with the weights (a model reconfigured on a GPU mid-training, fedfar.gpu).
+        self.register_buffer("learner_index", learners.to(w1.device))
+        self.register_buffer("frozen_index", frozen.to(w1.device))
         self.w1_learner = nn.Parameter(w1[learners].clone())
         self.b1_learner = nn.Parameter(b1[learners].clone())
         self.w2_learner = nn.Parameter(w2[:, learners].contiguous())
@@ -140,7 +141,7 @@ class SplitFFN(nn.Module):
         self.b1_frozen = nn.Parameter(b1[frozen].clone(), requires_grad=False)
         self.w2_frozen = nn.Parameter(w2[:, frozen].contiguous(), requires_grad=False)
         # Keep the very Parameter object: optimizer state and requires_grad carry over untouched.
-        self.b2 = fc2.bias if fc2.bias is not None else nn.Parameter(torch.zeros(fc2.out_features), False)
+        self.b2 = fc2.bias if fc2.bias is not None else nn.Parameter(w2.new_zeros(fc2.out_features), False)
         self.act = act
         self.kind = activation_kind(act)
         self.preact_storage = preact_storage
@@ -174,8 +175,8 @@ class SplitFFN(nn.Module):
     def merge(self) -> tuple[nn.Linear, nn.Linear]:
         """Stock (fc1, fc2) Linear layers holding the current weights."""
         w1, b1, w2, b2 = self.merged_weights()
-        fc1 = nn.Linear(w1.shape[1], w1.shape[0], bias=self.has_fc1_bias, dtype=w1.dtype)
-        fc2 = nn.Linear(w2.shape[1], w2.shape[0], bias=self.has_fc2_bias, dtype=w2.dtype)
+        fc1 = nn.Linear(w1.shape[1], w1.shape[0], bias=self.has_fc1_bias, dtype=w1.dtype, device=w1.device)
+        fc2 = nn.Linear(w2.shape[1], w2.shape[0], bias=self.has_fc2_bias, dtype=w2.dtype, device=w2.device)
         with torch.no_grad():
             fc1.weight.copy_(w1)
             fc2.weight.copy_(w2)

@@ -40,7 +40,7 @@ def ffn_weights(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor, torc
             w1, b1, w2, _ = fc1.merged_weights()
         else:
             w1 = fc1.weight.detach().clone()
-            b1 = fc1.bias.detach().clone() if fc1.bias is not None else torch.zeros(w1.shape[0])
+            b1 = fc1.bias.detach().clone() if fc1.bias is not None else w1.new_zeros(w1.shape[0])
             w2 = fc2.weight.detach().clone()
         out.append((w1, b1, w2))
     return out
