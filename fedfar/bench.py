@@ -1,8 +1,10 @@
 """`fedfar bench`: step time and training memory of fine-tuning methods on one model and batch shape, one run.
 
 Every method gets a fresh copy of the same model and the same batch; step time is the median over repeats of
-forward + backward + AdamW step + zero_grad, after warm-up steps, methods interleaved round by round. Memory figures are exact (fedfar.memory)
-and need no repeats. Ratios are to the first method (normally `full`) measured in the same run.
+forward + backward + AdamW step + zero_grad, after warm-up steps, methods interleaved round by round. Memory
+figures (fedfar.memory) and the FLOPs of forward + backward (fedfar.budget.count_flops) are exact and need no
+repeats: the FLOP ratio is the floor a method's time ratio can reach through its matmuls alone. Ratios are to
+the first method (normally `full`) measured in the same run.
 FAR's step time does not depend on which nodes learn, so the bench selects learners at random: no priming.
 """
 from __future__ import annotations
@@ -45,6 +47,16 @@ def random_batch(model: torch.nn.Module, batch_size: int, seq_len: int, seed: in
     return batch
 
 
+def step_flops(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:
+    """FLOPs of one training forward + backward (the optimizer's elementwise work is not counted)."""
+    from .budget import count_flops  # budget builds its candidates with this module's `prepare`
+
+    with count_flops() as counter:
+        model(**batch).loss.backward()
+    model.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
+
+
 class _Stepper:
     """One method's model, batch and AdamW, ready to take training steps."""
 
@@ -82,7 +94,7 @@ def run_bench(
         model = load_model(model_ref, num_labels, seed=seed)
         prepare(model, spec, seed, preact_storage)
         batch = random_batch(model, batch_size, seq_len, seed)
-        rows.append({"method": spec.label, **account(model, batch).as_dict()})
+        rows.append({"method": spec.label, **account(model, batch).as_dict(), "step_flops": step_flops(model, batch)})
         steppers.append(_Stepper(model, batch))
     for i in range(warmup + repeats):
         for stepper in steppers:
@@ -97,17 +109,19 @@ def run_bench(
         row["time_ratio"] = row["step_time_s"] / base["step_time_s"]
         row["memory_ratio"] = row["peak_training_bytes"] / base["peak_training_bytes"]
         row["saved_ratio"] = row["saved_tensor_bytes"] / base["saved_tensor_bytes"]
+        row["flops_ratio"] = row["step_flops"] / base["step_flops"]
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
     mib = 2**20
-    head = (f"{'method':<16}{'step s':>8}{'x time':>8}{'peak MiB':>10}{'x mem':>7}{'weights':>9}{'grads':>8}"
-            f"{'optim':>8}{'saved':>8}{'x saved':>8}{'trainable':>12}")
+    head = (f"{'method':<16}{'step s':>8}{'x time':>8}{'GFLOP':>7}{'x flops':>8}{'peak MiB':>10}{'x mem':>7}"
+            f"{'weights':>9}{'grads':>8}{'optim':>8}{'saved':>8}{'x saved':>8}{'trainable':>12}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['method']:<16}{r['step_time_s']:>8.3f}{r['time_ratio']:>8.2f}{r['peak_training_bytes'] / mib:>10.1f}"
+            f"{r['method']:<16}{r['step_time_s']:>8.3f}{r['time_ratio']:>8.2f}{r['step_flops'] / 1e9:>7.0f}"
+            f"{r['flops_ratio']:>8.2f}{r['peak_training_bytes'] / mib:>10.1f}"
             f"{r['memory_ratio']:>7.2f}{r['weights_bytes'] / mib:>9.1f}{r['gradient_bytes'] / mib:>8.1f}"
             f"{r['optimizer_bytes'] / mib:>8.1f}{r['saved_tensor_bytes'] / mib:>8.1f}{r['saved_ratio']:>8.2f}"
             f"{r['trainable_params']:>12,}"

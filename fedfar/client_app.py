@@ -23,16 +23,21 @@ datasets.disable_progress_bars()  # per-map bars from every process bury the rou
 
 
 def _setup(msg: Message, context: Context):
+    """The run config, this node's partition, the pristine model, a seeded loader and the device plan (if any)."""
     cfg = RunConfig.from_flower(context.run_config)
     pid = int(context.node_config["partition-id"])
     num = int(context.node_config["num-partitions"])
     server_round = int(msg.content["config"]["server-round"]) if "config" in msg.content else 0
     seed = cfg.seed + 7919 * pid + server_round
-    torch.manual_seed(seed)  # dropout draws from the global generator: same seed, same run, whatever the worker
     model = CACHE.model(cfg)
     train_ds, held_out = CACHE.partition(cfg, pid, num)
+    dplan = CACHE.device_plan(cfg, context.node_config)
     loader = make_loader(train_ds, CACHE.tokenizer(cfg), cfg.batch_size, shuffle=True, seed=seed)
-    return cfg, pid, seed, model, loader, held_out
+    # Seed last. Dropout draws from the global generator, and so do a worker's first-round chores (loading the
+    # model reseeds it and initialises the head; the budget plan runs a real step): seeding before them gave the
+    # first client each worker served other masks than a warm worker would, so runs differed with scheduling.
+    torch.manual_seed(seed)
+    return cfg, pid, seed, model, loader, held_out, dplan
 
 
 @app.query("register")
@@ -65,8 +70,7 @@ def _over_real_budget(msg: Message, pid: int, dplan, err: BudgetExceeded, phase:
 @app.train("prime")
 def prime(msg: Message, context: Context) -> Message:
     """Global mask mode, round 0: prime on local data and send node scores (no weights)."""
-    cfg, pid, seed, model, loader, _ = _setup(msg, context)
-    dplan = CACHE.device_plan(cfg, context.node_config)
+    cfg, pid, seed, model, loader, _, dplan = _setup(msg, context)
     if dplan and not dplan.priming.fits:
         return _out_of_memory(msg, pid, dplan.figures(dplan.priming), "prime")
     start = time.time()
@@ -87,9 +91,8 @@ def prime(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Fine-tune on the received trainable part; reply with the delta of the trainable tensors only."""
-    cfg, pid, seed, model, loader, _ = _setup(msg, context)
+    cfg, pid, seed, model, loader, _, dplan = _setup(msg, context)
     plan = exchange.plan_for(model, cfg.spec)
-    dplan = CACHE.device_plan(cfg, context.node_config)
     if dplan and not dplan.train.fits:  # over budget and not allowed (or not able) to adapt: fail like a device
         return _out_of_memory(msg, pid, dplan.figures(), "train")
     spec = adapted_spec(cfg.spec, dplan.train) if dplan else cfg.spec
@@ -137,7 +140,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_local(msg: Message, context: Context) -> Message:
     """Federated evaluation: the global model on this device's held-out share."""
-    cfg, pid, _, model, _, held_out = _setup(msg, context)
+    cfg, pid, _, model, _, held_out, _ = _setup(msg, context)
     if held_out is None:
         return Message(RecordDict({"metrics": MetricRecord({"num-examples": 0, "partition-id": pid})}),
                        reply_to=msg)

@@ -75,8 +75,9 @@ def on_device(model: nn.Module, device: torch.device, budget_bytes: int | None =
 
     On exit, even by an out-of-memory error, the model is back on the CPU, the cap is lifted and the cache
     emptied, so the next client in this worker starts clean; `usage.peak_bytes` holds the measured peak.
-    A CUDA out-of-memory error leaves as `BudgetExceeded`, raised only after the failed step's frames (and the
-    activations they hold) are gone. On the CPU this only records the device.
+    A CUDA out-of-memory error leaves as `BudgetExceeded`. The failed step's activations are freed once the
+    caller has handled it (its traceback holds them until then), and the next `on_device` empties the cache
+    first. On the CPU this only records the device.
     """
     usage = DeviceUsage(str(device))
     if device.type != "cuda":
@@ -96,7 +97,7 @@ def on_device(model: nn.Module, device: torch.device, budget_bytes: int | None =
         yield usage
         torch.cuda.synchronize(index)
     except torch.OutOfMemoryError as err:
-        reason = str(err).splitlines()[0]  # keep the text, drop the traceback that pins the step's tensors
+        reason = str(err).splitlines()[0]
     finally:
         usage.peak_bytes = torch.cuda.max_memory_allocated(index)
         model.to("cpu")

@@ -40,3 +40,13 @@ def tiny_batch(batch_size: int = 4, seq_len: int = 9, seed: int = 0, num_labels:
 @pytest.fixture
 def model():
     return tiny_model()
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    # flwr 1.41's Message(content, dst_node_id, message_type) reads run/node/task ids
+    # set by the runtime; set them for the test only.
+    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)

@@ -6,7 +6,9 @@ import torch
 from conftest import tiny_batch, tiny_model
 from torch import nn
 
-from fedfar.bench import run_bench
+from fedfar.bench import random_batch, run_bench
+from fedfar.budget import count_flops
+from fedfar.models import load_model
 from fedfar.cli import main
 from fedfar.far import ffn_sizes, get_policy, random_learners, reconfigure
 from fedfar.memory import account, adamw_state_bytes, optimizer_state_bytes, saved_tensor_bytes
@@ -64,6 +66,14 @@ def test_bench_rows_and_json(tmp_path, capsys):
     assert far["peak_training_bytes"] < full["peak_training_bytes"]
     assert bitfit["trainable_params"] < far["trainable_params"] < full["trainable_params"]
     assert "far10-emb" in capsys.readouterr().out
+    # FLOPs are exact: full fine-tuning's backward is twice its forward for every matmul; FAR does the same
+    # forward and skips the frozen weights' gradients.
+    model = load_model("random:bert-tiny", 2, seed=0)
+    with count_flops() as counter, torch.no_grad():
+        model(**random_batch(model, 4, 16))
+    forward = counter.get_total_flops()
+    assert full["step_flops"] == 3 * forward and full["flops_ratio"] == 1.0
+    assert 2 * forward < far["step_flops"] < full["step_flops"]
 
 
 def test_bench_rejects_an_unknown_method():

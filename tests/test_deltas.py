@@ -4,7 +4,6 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.common.serde import array_record_to_proto, message_to_proto, recorddict_to_proto
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedfar.deltas import (
     CODECS,
@@ -143,14 +142,6 @@ def test_serialized_nbytes_matches_flower_protobuf():
     rd = RecordDict({"delta": rec})
     assert serialized_nbytes(rd) == len(recorddict_to_proto(rd).SerializeToString())
     assert serialized_nbytes(rd) > serialized_nbytes(rec)
-
-
-@pytest.fixture
-def task_identity(monkeypatch):
-    # flwr 1.41's Message(content, dst_node_id, message_type) reads run/node/task ids
-    # set by the runtime; set them for the test only.
-    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
 
 
 def test_serialized_nbytes_of_message(task_identity):

@@ -22,7 +22,7 @@ from fedfar.far import (
     reconfigure,
     select_learners,
 )
-from fedfar.far.layer import activation_kind
+from fedfar.far.layer import _joined, activation_kind
 from fedfar.train import TrainConfig, carry_optimizer_state, make_optimizer, train
 
 
@@ -272,3 +272,24 @@ def test_full_finetuning_under_a_policy_freezes_outside_the_ffn_only():
     assert "bert.encoder.layer.0.intermediate.dense.weight" in trains
     with pytest.raises(ValueError, match="bitfit"):
         MethodSpec.parse("bitfit-emb")
+
+
+def test_split_branches_share_one_storage_and_a_copied_layer_computes_the_same():
+    torch.manual_seed(0)
+    split = SplitFFN(nn.Linear(8, 24), nn.Linear(24, 8), nn.GELU(), torch.tensor([0, 3, 7]), "bfloat16")
+    # Learners first, then frozen nodes, in one storage: the full-width matmul needs no copy of the weights.
+    assert _joined(split.w1_learner, split.w1_frozen, 0).data_ptr() == split.w1_learner.data_ptr()
+    assert _joined(split.w2_learner, split.w2_frozen, 1).data_ptr() == split.w2_learner.data_ptr()
+    copied = copy.deepcopy(split)  # a deepcopy (or .to()) gives every parameter its own storage
+    assert copied.w1_frozen.untyped_storage().data_ptr() != copied.w1_learner.untyped_storage().data_ptr()
+    x = torch.randn(5, 8, requires_grad=True)
+    outputs, grads = [], []
+    for layer in (split, copied):
+        y = layer(x)
+        y.pow(2).sum().backward()
+        outputs.append(y.detach())
+        grads.append([x.grad.clone(), layer.w1_learner.grad, layer.w2_learner.grad, layer.b1_learner.grad])
+        x.grad = None
+    assert torch.equal(outputs[0], outputs[1])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)

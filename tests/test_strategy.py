@@ -12,15 +12,6 @@ from fedfar.results import RunFolder
 from fedfar.strategy import FedFar, union_seconds
 
 
-@pytest.fixture
-def task_identity(monkeypatch):
-    # flwr 1.41 builds Message metadata from the runtime's run/node/task ids; set them for the test only.
-    from flwr.app.message.message import TaskIdentity  # noqa: PLC0415
-
-    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
-
-
 def _strategy(tmp_path, method="far25-emb"):
     model = tiny_model()
     s = FedFar(RunConfig(method=method, model="random:bert-tiny"), model, RunFolder(tmp_path), lambda: {"mcc": 0.0})

@@ -2,15 +2,17 @@
 
     y = W2_l act(W1_l x + b1_l) + W2_f act(W1_f x + b1_f) + b2
 
-PyTorch freezes whole tensors only, so the learner rows of W1 (columns of W2) become their own contiguous
-tensors. The frozen branch computes no weight gradient and keeps no optimizer state. Ordinary autograd would
-still save its pre-activation (N x d_frozen floats, the largest tensor of the block) for the activation's
-backward; a hand-written backward lets us keep that in bfloat16, or drop it and recompute it from the input
-that the learner branch saves anyway. The forward is exact float32 whatever the storage choice: only the
+PyTorch freezes whole tensors only, so the learner rows of W1 (columns of W2) become their own parameters:
+slices of one storage per weight, learners first, so the forward and the input gradient still run as one
+full-width matmul each. The frozen branch computes no weight gradient and keeps no optimizer state. Ordinary
+autograd would still save its pre-activation (N x d_frozen floats, the largest tensor of the block) for the
+activation's backward; a hand-written backward lets us keep that in bfloat16, or drop it and recompute it from
+the input that the learner branch saves anyway. The forward is exact float32 whatever the storage choice: only the
 input gradient through the frozen branch sees the narrower copy.
 
 The dropout that follows the FFN in every BERT-like block is folded in as well, to keep its mask as one
-byte per element (bool) where CPU dropout keeps a float32 mask.
+byte per element (bool) where CPU dropout keeps a float32 mask, drawn by comparing uniforms (faster on CPU than
+bernoulli_).
 """
 from __future__ import annotations
 
@@ -55,34 +57,58 @@ def _act_backward(kind: str, act: Callable, grad: torch.Tensor, pre: torch.Tenso
     return g
 
 
+def _joined(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
+    """`a` and `b` side by side along `dim`: a view when they sit that way in one storage (as SplitFFN lays them
+    out), else a copy (after `.to()` or a deepcopy, which give every parameter its own storage)."""
+    if a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.stride() == b.stride() \
+            and b.storage_offset() == a.storage_offset() + a.shape[dim] * a.stride(dim):
+        shape = list(a.shape)
+        shape[dim] += b.shape[dim]
+        joined = a.as_strided(shape, a.stride(), a.storage_offset())
+        if joined.is_contiguous():
+            return joined
+    return torch.cat([a, b], dim)
+
+
 class _SplitFFNFunction(torch.autograd.Function):
-    """Forward and backward of the split FFN on 2-D (tokens x features) views, with fused addmm calls."""
+    """Forward and backward of the split FFN on 2-D (tokens x features) views.
+
+    Learner rows of W1 (columns of W2) sit first, then the frozen ones, in one storage per weight, so the forward
+    and the input gradient are each one full-width GEMM as in the stock FFN: separate learner and frozen GEMMs
+    would pay for two narrow, less efficient calls. Only the learners' weight gradients use their slice.
+    """
 
     @staticmethod
     def forward(ctx, x, w1l, b1l, w2l, w1f, b1f, w2f, b2, act, kind, storage, p):
+        k = w1l.shape[0]
+        w1, b1, w2 = _joined(w1l, w1f, 0), _joined(b1l, b1f, 0), _joined(w2l, w2f, 1)
         x2 = x.reshape(-1, x.shape[-1])
-        hl = torch.addmm(b1l, x2, w1l.t())
-        hf = torch.addmm(b1f, x2, w1f.t())
-        y = torch.addmm(b2, act(hl), w2l.t()).addmm_(act(hf), w2f.t())
+        h = torch.addmm(b1, x2, w1.t())
+        y = torch.addmm(b2, act(h), w2.t())
         keep = None
         if p > 0:
-            keep = torch.empty_like(y, dtype=torch.bool).bernoulli_(1.0 - p)
+            keep = torch.rand_like(y) >= p  # a bool mask: one byte per element, and faster than bernoulli_
             y.mul_(keep).mul_(1.0 / (1.0 - p))
-        # The learner activation is recomputed in backward (elementwise on d_learner columns: cheap).
-        saved_hf = {"recompute": None, "bfloat16": hf.to(torch.bfloat16) if storage == "bfloat16" else None,
-                    "float32": hf}[storage]
-        ctx.save_for_backward(x, hl, saved_hf, w1l, w2l, w1f, b1f, w2f, keep)
-        ctx.act, ctx.kind, ctx.p = act, kind, p
+        # Saved: the learner pre-activation (its activation is recomputed in backward: d_learner columns, cheap)
+        # and the frozen one as `storage` says. float32 keeps `h` whole, which holds both.
+        if storage == "float32":
+            saved_h, saved_hf = h, None
+        else:
+            saved_h = h[:, :k].contiguous()
+            saved_hf = h[:, k:].to(torch.bfloat16) if storage == "bfloat16" else None
+        ctx.save_for_backward(x, saved_h, saved_hf, w1, b1, w2, keep)
+        ctx.act, ctx.kind, ctx.p, ctx.k, ctx.storage = act, kind, p, k, storage
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, gy):
-        x, hl, saved_hf, w1l, w2l, w1f, b1f, w2f, keep = ctx.saved_tensors
-        act, kind = ctx.act, ctx.kind
+        x, saved_h, saved_hf, w1, b1, w2, keep = ctx.saved_tensors
+        act, kind, k = ctx.act, ctx.kind, ctx.k
         x2 = x.reshape(-1, x.shape[-1])
         g2 = gy.reshape(-1, gy.shape[-1])
         if keep is not None:
             g2 = g2.mul(keep).mul_(1.0 / (1.0 - ctx.p))
+        hl = saved_h[:, :k]
 
         grads = [None] * 12
         need = ctx.needs_input_grad
@@ -90,15 +116,22 @@ class _SplitFFNFunction(torch.autograd.Function):
             grads[3] = g2.t() @ act(hl)
         if need[7]:
             grads[7] = g2.sum(0)
-        ghl = _act_backward(kind, act, g2 @ w2l, hl)
+        if need[0]:  # the input gradient flows through every node: one full-width GEMM each way
+            if ctx.storage == "float32":
+                pre = saved_h
+            else:
+                pre = torch.empty(g2.shape[0], w1.shape[0], dtype=g2.dtype, device=g2.device)
+                pre[:, :k] = hl
+                pre[:, k:] = saved_hf if saved_hf is not None else torch.addmm(b1[k:], x2, w1[k:].t())
+            gh = _act_backward(kind, act, g2 @ w2, pre)
+            ghl = gh[:, :k]
+            grads[0] = (gh @ w1).reshape(x.shape)
+        else:  # nothing below needs a gradient (e.g. the first block under frozen embeddings): learners only
+            ghl = _act_backward(kind, act, g2 @ w2[:, :k], hl)
         if need[1]:
             grads[1] = ghl.t() @ x2
         if need[2]:
             grads[2] = ghl.sum(0)
-        if need[0]:
-            hf = torch.addmm(b1f, x2, w1f.t()) if saved_hf is None else saved_hf.float()
-            ghf = _act_backward(kind, act, g2 @ w2f, hf)
-            grads[0] = (ghl @ w1l).addmm_(ghf, w1f).reshape(x.shape)
         return tuple(grads)
 
 
@@ -134,12 +167,15 @@ class SplitFFN(nn.Module):
         # Index buffers live with the weights (a model reconfigured on a GPU mid-training, fedfar.gpu).
         self.register_buffer("learner_index", learners.to(w1.device))
         self.register_buffer("frozen_index", frozen.to(w1.device))
-        self.w1_learner = nn.Parameter(w1[learners].clone())
-        self.b1_learner = nn.Parameter(b1[learners].clone())
-        self.w2_learner = nn.Parameter(w2[:, learners].contiguous())
-        self.w1_frozen = nn.Parameter(w1[frozen].clone(), requires_grad=False)
-        self.b1_frozen = nn.Parameter(b1[frozen].clone(), requires_grad=False)
-        self.w2_frozen = nn.Parameter(w2[:, frozen].contiguous(), requires_grad=False)
+        # One storage per weight, learner nodes first: the branches are slices of it (see _SplitFFNFunction).
+        k, order = len(learners), torch.cat([learners, frozen]).to(w1.device)
+        w1s, b1s, w2s = w1[order].contiguous(), b1[order].contiguous(), w2[:, order].contiguous()
+        self.w1_learner = nn.Parameter(w1s[:k])
+        self.b1_learner = nn.Parameter(b1s[:k])
+        self.w2_learner = nn.Parameter(w2s[:, :k])
+        self.w1_frozen = nn.Parameter(w1s[k:], requires_grad=False)
+        self.b1_frozen = nn.Parameter(b1s[k:], requires_grad=False)
+        self.w2_frozen = nn.Parameter(w2s[:, k:], requires_grad=False)
         # Keep the very Parameter object: optimizer state and requires_grad carry over untouched.
         self.b2 = fc2.bias if fc2.bias is not None else nn.Parameter(w2.new_zeros(fc2.out_features), False)
         self.act = act
