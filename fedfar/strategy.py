@@ -47,17 +47,24 @@ class FedFar(Strategy):
         # Simulated devices: node id -> profile (from the register round); availability has its own stream so
         # switching devices on does not change which clients the sampler would otherwise pick.
         self.profiles: dict[int, DeviceProfile] = {}
+        self.partition_of: dict[int, int] = {}  # node id -> partition id, from the register round
         self.avail_rng = random.Random(cfg.seed + 1)
         self.deadline = cfg.deadline_s or None
         self.sim_time = 0.0
 
     # ----------------------------------------------------------------------------------------- messages
+    def _nodes(self, grid: Grid) -> list[int]:
+        """All nodes in partition order. Node ids are random in every run; ordering by them would hand the
+        seeded sampler and availability draws to other partitions each time."""
+        return sorted(grid.get_node_ids(), key=lambda n: (self.partition_of.get(n, -1), n))
+
     def _sample(self, grid: Grid) -> list[int]:
         """`fraction-train` of all nodes, drawn among those available this round (all, without devices)."""
-        nodes = sorted(grid.get_node_ids())
+        nodes = self._nodes(grid)
         k = max(1, round(self.cfg.fraction_train * len(nodes)))
         nodes = self._available(nodes)
-        return sorted(self.rng.sample(nodes, min(k, len(nodes))))
+        chosen = set(self.rng.sample(nodes, min(k, len(nodes))))
+        return [n for n in nodes if n in chosen]
 
     def _available(self, nodes: list[int]) -> list[int]:
         """The nodes whose device is available this round (one seeded draw each); all without devices."""
@@ -89,8 +96,10 @@ class FedFar(Strategy):
         for msg_out, reply in self._send(grid, messages):
             entry = self._ledger_entry(0, "register", msg_out, reply)
             entries.append(entry)
-            if entry["status"] == "ok" and (profile := profile_from_record(reply.content["device"])) is not None:
-                self.profiles[msg_out.metadata.dst_node_id] = profile
+            if entry["status"] == "ok":
+                self.partition_of[msg_out.metadata.dst_node_id] = int(reply.content["metrics"]["partition-id"])
+                if (profile := profile_from_record(reply.content["device"])) is not None:
+                    self.profiles[msg_out.metadata.dst_node_id] = profile
         self.folder.append_ledger(entries)
         bad = [e for e in entries if e["status"] != "ok"]
         if bad:
@@ -116,7 +125,7 @@ class FedFar(Strategy):
             self.rows = random_learners(self.sizes, self.spec.retention, self.cfg.seed)
             return
         content = RecordDict({"config": ConfigRecord({"server-round": 0})})
-        messages = self._messages(self._available(sorted(grid.get_node_ids())), content, "train.prime")
+        messages = self._messages(self._available(self._nodes(grid)), content, "train.prime")
         scores, total, rows, answered = [torch.zeros(d, dtype=torch.float64) for d in self.sizes], 0.0, [], []
         pairs = self._send(grid, messages)
         for msg_out, reply in pairs:
@@ -172,7 +181,7 @@ class FedFar(Strategy):
             return []
         content = RecordDict({"part": self._down_part(),
                               "config": ConfigRecord({"server-round": server_round})})
-        return self._messages(sorted(grid.get_node_ids()), content, "evaluate")
+        return self._messages(self._nodes(grid), content, "evaluate")
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         good = [r.content["metrics"] for r in replies if not r.has_error() and r.content["metrics"]["num-examples"]]

@@ -54,8 +54,9 @@ def runs(tmp_path_factory):
         "oom-adapt": _run(tmp, "oom-adapt", **fleet, **{"oom-policy": "adapt", "num-rounds": 1,
                                                         "deadline-s": 250.0}),
         "global": _run(tmp, "global"),
-        "again": _run(tmp, "again", **{"num-rounds": 1}),
-        "again2": _run(tmp, "again2", **{"num-rounds": 1}),
+        # Half the clients a round: the seeded sampler must pick the same partitions though node ids are random.
+        "again": _run(tmp, "again", **{"num-rounds": 2, "fraction-train": 0.5}),
+        "again2": _run(tmp, "again2", **{"num-rounds": 2, "fraction-train": 0.5}),
         "local": _run(tmp, "local", **{"mask-mode": "local", "codec": "int8", "num-rounds": 1,
                                         "federated-eval": True, "eval-share": 0.25}),
     }
@@ -129,6 +130,9 @@ def test_same_seed_gives_same_partitions_and_same_metrics(runs):
     assert json.loads((a / "mask.json").read_text()) == json.loads((b / "mask.json").read_text())
     ra, rb = pd.read_csv(a / "rounds.csv"), pd.read_csv(b / "rounds.csv")
     assert ra["mcc"].tolist() == rb["mcc"].tolist()
+    trained = [pd.read_csv(run / "ledger.csv").query("phase == 'train'")[["round", "partition_id"]].values.tolist()
+               for run in (a, b)]
+    assert trained[0] == trained[1] and len(trained[0]) == 2  # one sampled client a round, the same ones
     fa = type(load_model("random:bert-tiny", 2)).from_pretrained(a / "model").state_dict()
     fb = type(load_model("random:bert-tiny", 2)).from_pretrained(b / "model").state_dict()
     assert all(torch.equal(fa[k], fb[k]) for k in fa)
