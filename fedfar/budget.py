@@ -236,13 +236,9 @@ def _mib(n: int) -> str:
     return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
 
 
-def check_startup(model_factory: Callable[[], nn.Module], seq_len: int, budget_bytes: int, device_name: str) -> None:
-    """Reject at start-up a budget too small even for inference: no adaptation can rescue it."""
-    check_floor(budget_bytes, device_name, *inference_floor(model_factory(), seq_len, 1))
-
-
 def check_floor(budget_bytes: int, device_name: str, floor: int, weights: int) -> None:
-    """`check_startup` against a floor already measured (`inference_floor`), for checking many budgets at once."""
+    """Reject at start-up a budget below the inference floor (`inference_floor`, measured once for any number
+    of budgets): no adaptation can rescue it."""
     if budget_bytes < floor:
         raise ValueError(
             f"device {device_name}: memory budget {_mib(budget_bytes)} MiB is below the {_mib(floor)} MiB the "

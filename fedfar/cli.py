@@ -79,10 +79,9 @@ def _run(args: argparse.Namespace) -> None:
         raise ValueError(f"device {cfg.device!r} with --gpus-per-client {args.gpus_per_client:g}: clients train on "
                          "a GPU only with both --set device=cuda and a GPU share (Ray hides GPUs from clients "
                          "without one), e.g. --set device=cuda --gpus-per-client 0.25")
-    if cfg.device == "cuda":
-        from .gpu import resolve_device
+    from .gpu import resolve_device
 
-        resolve_device(cfg.device)  # no GPU here: say so before a SuperLink or Ray starts
+    resolve_device(cfg.device)  # cuda without a GPU here: say so before a SuperLink or Ray starts
     if cfg.fleet:  # every device must at least hold the model: say so now, not after Ray has started
         from .data import get_task
         from .edge import check_fleet

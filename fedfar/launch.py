@@ -511,11 +511,11 @@ def run_simulation(config: str | Path | None, num_supernodes: int, cpus_per_clie
     if cpus_per_client <= 0 or float(cpus_per_client) != int(cpus_per_client):
         raise ValueError(f"cpus_per_client must be a positive whole number in Flower 1.41 "
                          f"(client-resources-num-cpus is an integer), got {cpus_per_client}")
+    if gpus_per_client < 0:
+        raise ValueError(f"gpus_per_client must be >= 0, got {gpus_per_client}")
     env = flower_env(project_dir)
     flwr_home = Path(env["FLWR_HOME"])
     run_toml, owned = merged_run_config(config_path, overrides, project_dir, flwr_home / "run-configs")
-    if gpus_per_client < 0:
-        raise ValueError(f"gpus_per_client must be >= 0, got {gpus_per_client}")
     federation = f"num-supernodes={int(num_supernodes)} client-resources-num-cpus={int(cpus_per_client)}"
     if gpus_per_client:
         federation += f" client-resources-num-gpus={float(gpus_per_client)}"

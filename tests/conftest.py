@@ -37,6 +37,11 @@ def tiny_batch(batch_size: int = 4, seq_len: int = 9, seed: int = 0, num_labels:
     }
 
 
+class ListLoader(list):
+    """A list of batches with the one attribute train() reads from a DataLoader."""
+    dataset = range(0)
+
+
 @pytest.fixture
 def model():
     return tiny_model()

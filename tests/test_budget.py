@@ -11,7 +11,8 @@ from fedfar.bench import prepare
 from fedfar.budget import (
     ADAPT_ORDER,
     TrainingShape,
-    check_startup,
+    check_floor,
+    inference_floor,
     inference_floor_bytes,
     no_grad_activation_peak,
     peak_bytes,
@@ -124,18 +125,18 @@ def test_inference_floor_sits_between_the_weights_and_the_training_peak():
     assert long < peak_bytes(tiny_model, "bitfit", TrainingShape(1, 64, 1)).peak_training_bytes
 
 
-def test_check_startup_rejects_a_budget_below_the_weights():
+def test_check_floor_rejects_a_budget_below_the_weights():
     weights = peak_bytes(tiny_model, "full", FULL).weights_bytes
     floor = inference_floor_bytes(tiny_model, 16)
     with pytest.raises(ValueError) as err:
-        check_startup(tiny_model, 16, weights // 2, "jetson-nano")
+        check_floor(weights // 2, "jetson-nano", *inference_floor(tiny_model(), 16))
     msg = str(err.value)
     m = re.search(r"device jetson-nano: memory budget ([\d.]+) MiB is below the ([\d.]+) MiB .*"
                   r"\(weights ([\d.]+) MiB\)", msg)
     assert m, msg
     for got, want in zip(map(float, m.groups()), (weights // 2, floor, weights)):
         assert got == pytest.approx(want / 2**20, rel=0.01)
-    check_startup(tiny_model, 16, 2**30, "laptop")  # no error
+    check_floor(2**30, "laptop", *inference_floor(tiny_model(), 16))  # no error
 
 
 def _configured(method, storage="bfloat16"):

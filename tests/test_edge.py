@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from conftest import tiny_batch, tiny_model
+from conftest import ListLoader, tiny_batch, tiny_model
 from fedfar.budget import count_flops
 from fedfar.config import RunConfig
 from fedfar.devices import DeviceProfile, clock_round
@@ -23,17 +23,12 @@ def _cfg(**kw):
     return RunConfig(**{"model": "random:bert-tiny", "method": "full", "batch_size": 8, "max_length": 16, **kw})
 
 
-class _Loader(list):
-    """A list of batches with the one attribute train() reads from a DataLoader."""
-    dataset = range(0)
-
-
 def test_micro_batches_accumulate_the_same_step_as_the_whole_batch():
     batch = tiny_batch(batch_size=6, seq_len=7)
     results = []
     for micro in (0, 2, 4):  # 4 leaves an uneven last micro-batch of 2: weighting by share keeps it exact
         model = tiny_model()
-        out = train(model, _Loader([batch]), MethodSpec("full"), 1.0, TrainConfig(lr=1e-2, micro_batch=micro))
+        out = train(model, ListLoader([batch]), MethodSpec("full"), 1.0, TrainConfig(lr=1e-2, micro_batch=micro))
         results.append((out["losses"][0], model.state_dict()))
     (loss0, ref), *others = results
     for loss, state in others:
@@ -138,7 +133,7 @@ def test_counted_flops_of_far_training_are_fewer_than_full():
     for method in ("full-emb", "far25-emb"):
         model = tiny_model()
         with count_flops() as counter:
-            train(model, _Loader([batch] * 3), MethodSpec.parse(method), 1.0, TrainConfig(lr=1e-3),
+            train(model, ListLoader([batch] * 3), MethodSpec.parse(method), 1.0, TrainConfig(lr=1e-3),
                   learners=None if method == "full-emb" else [torch.arange(16)] * 2)
         flops[method] = counter.get_total_flops()
     assert 0 < flops["far25-emb"] < flops["full-emb"]
