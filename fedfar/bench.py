@@ -2,7 +2,7 @@
 
 Every method gets a fresh copy of the same model and the same batch; step time is the median over repeats of
 forward + backward + AdamW step + zero_grad, after warm-up steps, methods interleaved round by round. Memory
-figures (fedfar.memory) and the FLOPs of forward + backward (fedfar.budget.count_flops) are exact and need no
+figures (fedfar.devices.memory) and the FLOPs of forward + backward (fedfar.devices.flops) are exact and need no
 repeats: the FLOP ratio is the floor a method's time ratio can reach through its matmuls alone. Ratios are to
 the first method (normally `full`) measured in the same run.
 FAR's step time does not depend on which nodes learn, so the bench selects learners at random: no priming.
@@ -16,45 +16,11 @@ from pathlib import Path
 
 import torch
 
-from .far import MethodSpec, apply_bitfit, apply_policy, ffn_sizes, get_policy, random_learners, reconfigure
-from .memory import account
-from .models import load_model
-
-
-def prepare(model: torch.nn.Module, spec: MethodSpec, seed: int = 0, preact_storage: str = "bfloat16") -> None:
-    """Put `model` in the training configuration of `spec` (learners drawn at random for FAR)."""
-    if spec.method == "bitfit":
-        apply_bitfit(model)
-    elif spec.method == "full":
-        apply_policy(model, get_policy(spec.policy))
-    elif spec.reconfigures:
-        learners = random_learners(ffn_sizes(model), spec.retention, seed)
-        reconfigure(model, learners, get_policy(spec.policy), preact_storage)
-
-
-def random_batch(model: torch.nn.Module, batch_size: int, seq_len: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    vocab = min(model.config.vocab_size, 30522)
-    low = 1000 if vocab > 2000 else 0  # skip BERT's special and unused ids where the vocabulary has them
-    batch = {
-        "input_ids": torch.randint(low, vocab, (batch_size, seq_len), generator=gen),
-        "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
-    }
-    if model.config.num_labels == 1:
-        batch["labels"] = torch.rand(batch_size, generator=gen) * 5
-    else:
-        batch["labels"] = torch.randint(0, model.config.num_labels, (batch_size,), generator=gen)
-    return batch
-
-
-def step_flops(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:
-    """FLOPs of one training forward + backward (the optimizer's elementwise work is not counted)."""
-    from .budget import count_flops  # budget builds its candidates with this module's `prepare`
-
-    with count_flops() as counter:
-        model(**batch).loss.backward()
-    model.zero_grad(set_to_none=True)
-    return int(counter.get_total_flops())
+from .devices.budget import prepare_for_accounting
+from .devices.flops import step_flops
+from .devices.memory import account
+from .methods import parse_method
+from .models import load_model, random_batch
 
 
 class _Stepper:
@@ -88,13 +54,13 @@ def run_bench(
 ) -> list[dict]:
     """Memory per method, then step times taken round-robin: one step of each method per round, so a burst of
     load on a shared machine slows every method alike instead of whichever happened to be running."""
-    specs = [MethodSpec.parse(m) for m in methods]
+    parsed = [parse_method(m) for m in methods]
     steppers, rows = [], []
-    for spec in specs:
+    for method in parsed:
         model = load_model(model_ref, num_labels, seed=seed)
-        prepare(model, spec, seed, preact_storage)
+        prepare_for_accounting(model, method, seed, preact_storage)
         batch = random_batch(model, batch_size, seq_len, seed)
-        rows.append({"method": spec.label, **account(model, batch).as_dict(), "step_flops": step_flops(model, batch)})
+        rows.append({"method": method.label, **account(model, batch).as_dict(), "step_flops": step_flops(model, batch)})
         steppers.append(_Stepper(model, batch))
     for i in range(warmup + repeats):
         for stepper in steppers:

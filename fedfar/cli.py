@@ -60,8 +60,8 @@ def _run(args: argparse.Namespace) -> None:
     from datetime import datetime
     from pathlib import Path
 
-    from .config import RunConfig
-    from .launch import PROJECT_DIR, run_config_values, run_simulation
+    from .federation.config import RunConfig
+    from .federation.launch import PROJECT_DIR, run_config_values, run_simulation
 
     overrides = {}
     for item in args.set:
@@ -79,12 +79,12 @@ def _run(args: argparse.Namespace) -> None:
         raise ValueError(f"device {cfg.device!r} with --gpus-per-client {args.gpus_per_client:g}: clients train on "
                          "a GPU only with both --set device=cuda and a GPU share (Ray hides GPUs from clients "
                          "without one), e.g. --set device=cuda --gpus-per-client 0.25")
-    from .gpu import resolve_device
+    from .devices.gpu import resolve_device
 
     resolve_device(cfg.device)  # cuda without a GPU here: say so before a SuperLink or Ray starts
     if cfg.fleet:  # every device must at least hold the model: say so now, not after Ray has started
         from .data import get_task
-        from .edge import check_fleet
+        from .devices.device import check_fleet
         from .models import load_model
 
         check_fleet(cfg, args.supernodes, load_model(cfg.model, get_task(cfg.task).num_labels, seed=cfg.seed))
@@ -121,6 +121,7 @@ def _run(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .finetune import FinetuneConfig
+    from .methods import METHOD_HELP
 
     p = argparse.ArgumentParser(prog="fedfar", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -131,8 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--task", default=d.task, help="GLUE task: cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli")
     ft.add_argument("--model", default=d.model,
                     help="'minilm' (packaged), a save_pretrained folder, 'random:<shape>', or a hub id")
-    ft.add_argument("--method", default=d.method,
-                    help="full, bitfit, far<pct>[-emb|-attn] or random<pct>[-emb|-attn], e.g. far10-emb")
+    ft.add_argument("--method", default=d.method, help=METHOD_HELP)
     ft.add_argument("--epochs", type=float, default=d.epochs)
     ft.add_argument("--batch-size", type=int, default=d.batch_size)
     ft.add_argument("--lr", type=float, default=d.lr)
@@ -177,19 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _quiet_libraries() -> None:
-    """Our own progress bars say what is happening; the libraries' per-file bars only bury them."""
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-
-
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
-    _quiet_libraries()
+    from .models import quiet_libraries
+
+    quiet_libraries()  # our own progress bars say what is happening; the libraries' per-file bars bury them
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as err:

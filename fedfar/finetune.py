@@ -10,8 +10,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import compute_metrics, get_task, load_glue, make_loader, resolve_source, tokenize
-from .far import MethodSpec, merge
-from .gpu import resolve_device
+from .devices.gpu import resolve_device
+from .methods import parse_method
 from .models import load_model, load_tokenizer
 from .train import TrainConfig, predict, train
 
@@ -37,7 +37,7 @@ class FinetuneConfig:
     def validate(self) -> tuple:
         """Fail before any compute: returns (task, spec)."""
         task = get_task(self.task)
-        spec = MethodSpec.parse(self.method)
+        spec = parse_method(self.method)
         if self.epochs <= 0 or self.batch_size <= 0 or self.lr <= 0:
             raise ValueError("epochs, batch size and learning rate must be positive")
         resolve_device(self.device)
@@ -86,7 +86,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     result = train(model, train_loader, spec, cfg.epochs, tcfg, on_step=on_step, on_epoch=on_epoch)
     bar.close()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    merge(model)
+    spec.merge(model)  # back to the stock layout: save_pretrained writes an ordinary checkpoint
     if cfg.save_model:
         model.save_pretrained(out / "model")
         tokenizer.save_pretrained(out / "model")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
-from .far.arch import ARCHITECTURES
+from .methods.arch import ARCHITECTURES
 
 # model_type, then the config fields that give the shape (names as each family's config spells them).
 SHAPES: dict[str, tuple[str, dict]] = {
@@ -85,3 +85,31 @@ def load_tokenizer(ref: str):
     """The tokenizer of a model; random shapes borrow the packaged MiniLM's (BERT WordPiece, vocab 30522)."""
     source = packaged_minilm_path() if ref.startswith("random:") else resolve(ref)
     return AutoTokenizer.from_pretrained(source)
+
+
+def random_batch(model: torch.nn.Module, batch_size: int, seq_len: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A labelled batch of random token ids in `model`'s vocabulary: the shape of a real batch, for memory
+    accounting, FLOP counts and benchmarks."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab = min(model.config.vocab_size, 30522)
+    low = 1000 if vocab > 2000 else 0  # skip BERT's special and unused ids where the vocabulary has them
+    batch = {
+        "input_ids": torch.randint(low, vocab, (batch_size, seq_len), generator=gen),
+        "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
+    }
+    if model.config.num_labels == 1:
+        batch["labels"] = torch.rand(batch_size, generator=gen) * 5
+    else:
+        batch["labels"] = torch.randint(0, model.config.num_labels, (batch_size,), generator=gen)
+    return batch
+
+
+def quiet_libraries() -> None:
+    """fedfar's own log says what is happening; datasets' per-map bars and transformers' "Loading weights" bars
+    from every worker process only bury it."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()

@@ -1,4 +1,4 @@
-"""Local fine-tuning and evaluation loops: full, FAR (priming, then reconfigure), random selection, BitFit.
+"""The local training and evaluation loops, one for every method (fedfar.methods); FAR primes, then reconfigures.
 
 Plain torch, no Flower: the central `fedfar finetune` command and every federated client run these.
 """
@@ -12,18 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .far import (
-    MethodSpec,
-    apply_bitfit,
-    apply_policy,
-    ffn_sizes,
-    ffn_weights,
-    get_policy,
-    node_scores,
-    random_learners,
-    reconfigure,
-    select_learners,
-)
+from .methods import Method
+from .methods.far import ffn_weights, node_scores, select_learners
 
 
 @dataclass
@@ -76,14 +66,14 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 def train(
     model: nn.Module,
     loader,
-    spec: MethodSpec,
+    method: Method,
     epochs: float,
     cfg: TrainConfig,
     learners: list[torch.Tensor] | None = None,
     on_step: Callable[[int, float], None] | None = None,
     on_epoch: Callable[[int], None] | None = None,
 ) -> dict:
-    """Fine-tune `model` in place with `spec`; returns {"learners", "steps", "priming_steps", "losses"}.
+    """Fine-tune `model` in place with `method`; returns {"learners", "steps", "priming_steps", "losses"}.
 
     FAR: if `learners` is given (e.g. a mask sent by a federated server) they are used and no priming runs;
     otherwise the first `priming_share` of the steps train all FFN nodes (and whatever else the policy trains),
@@ -96,19 +86,16 @@ def train(
     total = max(1, math.ceil(epochs * steps_per_epoch))
     warmup = round(cfg.warmup_share * total)
     priming = 0
-    if spec.method == "bitfit":
-        apply_bitfit(model)
-    elif spec.method == "full" or (spec.method == "far" and learners is None):
-        # FAR's priming trains every FFN node and what the policy trains: a part the policy freezes stays frozen
-        # for the whole run, so priming never needs more memory than the policy allows elsewhere.
-        apply_policy(model, get_policy(spec.policy))
-    elif spec.method == "random" and learners is None:
-        learners = random_learners(ffn_sizes(model), spec.retention, cfg.seed)
-    if spec.reconfigures and learners is not None:
-        reconfigure(model, learners, get_policy(spec.policy), cfg.preact_storage)
-    elif spec.method == "far":
+    if method.primes and learners is None:
+        # Priming trains every FFN node and what the policy trains: a part the policy freezes stays frozen for
+        # the whole run, so priming never needs more memory than the policy allows elsewhere.
+        method.priming_method().prepare(model)
         priming = max(1, round(cfg.priming_share * total))
         before = ffn_weights(model)
+    else:
+        if method.selects_rows and learners is None:  # random selection draws its learners from the seed
+            learners = method.initial_learners(model, cfg.seed)
+        method.prepare(model, learners, seed=cfg.seed, preact_storage=cfg.preact_storage)
     opt = make_optimizer(model, cfg)
     model.train()
     losses: list[float] = []
@@ -117,8 +104,8 @@ def train(
     while step < total:
         for batch in loader:
             if step == priming and priming and learners is None:
-                learners = select_learners(node_scores(before, ffn_weights(model)), spec.retention)
-                origin = reconfigure(model, learners, get_policy(spec.policy), cfg.preact_storage)
+                learners = select_learners(node_scores(before, ffn_weights(model)), method.retention)
+                origin = method.prepare(model, learners, preact_storage=cfg.preact_storage)
                 new_opt = make_optimizer(model, cfg)
                 carry_optimizer_state(opt, new_opt, origin)
                 opt, before = new_opt, None

@@ -25,8 +25,8 @@ except ModuleNotFoundError:  # 3.10: the same parser, as installed with flwr
     import tomli as tomllib  # type: ignore[no-redef]
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
-from fedfar import launch  # noqa: E402
-from fedfar.devices import load_catalog  # noqa: E402
+from fedfar.federation import launch, processes  # noqa: E402
+from fedfar.devices.profiles import load_catalog  # noqa: E402
 
 CONNECTION = "fedfar-demo"
 NUM_NODES = 2
@@ -122,51 +122,47 @@ def main(argv: list[str] | None = None) -> int:
     demo.mkdir(parents=True, exist_ok=True)
     for old in demo.glob("state.db*"):  # a fresh federation: no offline nodes from an earlier demo
         old.unlink()
-    run_toml, owned = launch.merged_run_config(config, overrides, project, home / "run-configs")
+    run_config = launch.run_config_args(config, overrides, project)
 
     procs: list[subprocess.Popen] = []
     t0 = time.monotonic()
-    try:
-        with launch.SignalGuard() as guard:
-            try:
-                port = launch.free_port()
-                link_log = demo / "superlink.log"
-                procs.append(_start([launch.bin_path("flower-superlink"), "--insecure", "--host", "127.0.0.1",
-                                     "--port", str(port), "--database", str(demo / "state.db"),
-                                     "--disable-runtime-dependency-installation"], env, project, link_log))
-                launch.wait_healthy(procs[0], port, "flower-superlink", [link_log])
-                print(f"SuperLink on 127.0.0.1:{port} (pid {procs[0].pid}); connection [superlink.{CONNECTION}] "
-                      f"in {write_connection(home, port)}", flush=True)
+    with processes.SignalGuard() as guard:
+        try:
+            port = launch.free_port()
+            link_log = demo / "superlink.log"
+            procs.append(_start([launch.bin_path("flower-superlink"), "--insecure", "--host", "127.0.0.1",
+                                 "--port", str(port), "--database", str(demo / "state.db"),
+                                 "--disable-runtime-dependency-installation"], env, project, link_log))
+            launch.wait_healthy(procs[0], port, "flower-superlink", [link_log])
+            print(f"SuperLink on 127.0.0.1:{port} (pid {procs[0].pid}); connection [superlink.{CONNECTION}] "
+                  f"in {write_connection(home, port)}", flush=True)
 
-                node_logs, used = [], {port}
-                for i in range(NUM_NODES):
-                    node_port = launch.free_port(used)
-                    used.add(node_port)
-                    node_logs.append(demo / f"supernode-{i}.log")
-                    procs.append(_start([launch.bin_path("flower-supernode"), "--insecure",
-                                         "--superlink", f"127.0.0.1:{port}",
-                                         "--host", "127.0.0.1", "--port", str(node_port),
-                                         "--node-config", node_config(i, devices)],
-                                        env, project, node_logs[-1]))
-                    print(f"SuperNode {i} on 127.0.0.1:{node_port} (pid {procs[-1].pid})", flush=True)
-                wait_for_nodes(NUM_NODES, env, procs[1:], node_logs)
-                print(f"{NUM_NODES} SuperNodes online after {time.monotonic() - t0:.1f} s", flush=True)
+            node_logs, used = [], {port}
+            for i in range(NUM_NODES):
+                node_port = launch.free_port(used)
+                used.add(node_port)
+                node_logs.append(demo / f"supernode-{i}.log")
+                procs.append(_start([launch.bin_path("flower-supernode"), "--insecure",
+                                     "--superlink", f"127.0.0.1:{port}",
+                                     "--host", "127.0.0.1", "--port", str(node_port),
+                                     "--node-config", node_config(i, devices)],
+                                    env, project, node_logs[-1]))
+                print(f"SuperNode {i} on 127.0.0.1:{node_port} (pid {procs[-1].pid})", flush=True)
+            wait_for_nodes(NUM_NODES, env, procs[1:], node_logs)
+            print(f"{NUM_NODES} SuperNodes online after {time.monotonic() - t0:.1f} s", flush=True)
 
-                run_log = demo / "flwr-run.log"
-                code = launch.flwr_run(project, CONNECTION, env, run_toml, log_path=run_log)
-                folder = results_folder(run_log, project)
-                print(f"results folder: {folder}" if folder else f"no results folder reported; see {run_log}")
-                return code
-            finally:
-                guard.defer()
-                for proc in reversed(procs):  # SuperNodes first, so they do not retry a vanished SuperLink
-                    launch.stop_process_tree(proc)
-                left = set().union(*(launch.process_tree(proc.pid) for proc in procs)) if procs else set()
-                print(f"stopped {len(procs)} servers after {time.monotonic() - t0:.1f} s; "
-                      + (f"still running:\n{launch.describe(left)}" if left else "no processes left"), flush=True)
-    finally:
-        if owned and run_toml is not None:
-            run_toml.unlink(missing_ok=True)
+            run_log = demo / "flwr-run.log"
+            code = launch.flwr_run(project, CONNECTION, env, run_config, log_path=run_log)
+            folder = results_folder(run_log, project)
+            print(f"results folder: {folder}" if folder else f"no results folder reported; see {run_log}")
+            return code
+        finally:
+            guard.defer()
+            for proc in reversed(procs):  # SuperNodes first, so they do not retry a vanished SuperLink
+                processes.stop_process_tree(proc)
+            left = set().union(*(processes.process_tree(proc.pid) for proc in procs)) if procs else set()
+            print(f"stopped {len(procs)} servers after {time.monotonic() - t0:.1f} s; "
+                  + (f"still running:\n{processes.describe(left)}" if left else "no processes left"), flush=True)
 
 
 def _start(command: list[str], env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen:

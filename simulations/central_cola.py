@@ -14,6 +14,7 @@ import json
 import statistics
 from pathlib import Path
 
+from common import Progress, publish
 from fedfar.finetune import FinetuneConfig, finetune
 
 
@@ -28,22 +29,27 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--out", default="results/central_cola")
+    p.add_argument("--publish", default="", metavar="DIR",
+                   help="also copy the tables and figures to DIR (the docs use docs/studies/central-cola)")
     args = p.parse_args()
 
     out = Path(args.out)
     methods, seeds = args.methods.split(","), [int(s) for s in args.seeds.split(",")]
-    runs = []
+    runs, progress = [], Progress(len(methods) * len(seeds))
     for method in methods:
         for seed in seeds:
             run_dir = out / f"{method}-seed{seed}"
+            progress.next(run_dir.name)
             if (run_dir / "metrics.json").exists():
                 print(f"{run_dir}: done before, kept")
             else:
+                progress.ran += 1
                 finetune(FinetuneConfig(task=args.task, model=args.model, method=method, epochs=args.epochs,
                                         batch_size=args.batch_size, lr=args.lr, seed=seed,
                                         max_length=args.max_length, out=str(run_dir), save_model=False))
             runs.append(json.loads((run_dir / "metrics.json").read_text()))
     write_table(runs, methods, out, args)
+    publish(out, args.publish)
 
 
 def write_table(runs: list[dict], methods: list[str], out: Path, args) -> None:

@@ -5,7 +5,7 @@
     python simulations/comm_cost.py --partitioners iid --variants fedavg-full,far10-emb --rounds 20 \
         --out results/comm_cost_20                         # the same clients, twice the rounds
 
-Every run is a real `flwr run` Ray simulation (fedfar.launch.run_simulation) with its own run folder; runs whose
+Every run is a real `flwr run` Ray simulation (fedfar.federation.launch.run_simulation) with its own run folder; runs whose
 summary exists are kept when the study is restarted. Writes <out>/table.md, results.json and one figure with
 every run (metric vs round and vs cumulative MB). Bytes come from the runs' ledgers (what Flower serialized).
 """
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from common import plot_study, run_variant, write_study
-from fedfar.launch import PROJECT_DIR
+from common import Progress, plot_study, publish, run_variant, write_study
+from fedfar.federation.launch import PROJECT_DIR
 
 # name -> run-config overrides
 VARIANTS: dict[str, dict] = {
@@ -42,21 +42,25 @@ def main() -> None:
                    help="variants run on the Dirichlet split (default: the baseline and FAR10-emb)")
     p.add_argument("--rounds", type=int, default=0, help="override the config's num-rounds (0: keep it)")
     p.add_argument("--out", default="results/comm_cost")
+    p.add_argument("--publish", default="", metavar="DIR",
+                   help="also copy the tables and figures to DIR (the docs use docs/studies/comm-cost)")
     args = p.parse_args()
     extra = {"num-rounds": args.rounds} if args.rounds else {}
 
     out = (PROJECT_DIR / args.out).resolve()
-    rows = []
-    for part in args.partitioners.split(","):
-        for name in (args.dirichlet_variants if part == "dirichlet" else args.variants).split(","):
-            if name not in VARIANTS:
-                raise SystemExit(f"unknown variant {name!r}: choose from {', '.join(VARIANTS)}")
-            run_dir = run_variant(args.config, args.clients, out / "runs", f"{part}-{name}",
-                                  {**VARIANTS[name], "partitioner": part, **extra})
-            if run_dir is None:
-                continue
+    runs = [(part, name) for part in args.partitioners.split(",")
+            for name in (args.dirichlet_variants if part == "dirichlet" else args.variants).split(",")]
+    unknown = sorted({name for _, name in runs} - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}: choose from {', '.join(VARIANTS)}")
+    rows, progress = [], Progress(len(runs))
+    for part, name in runs:
+        run_dir = run_variant(args.config, args.clients, out / "runs", f"{part}-{name}",
+                              {**VARIANTS[name], "partitioner": part, **extra}, progress)
+        if run_dir is not None:
             rows.append(summarize(run_dir, name, part))
     write(rows, out)
+    publish(out, args.publish)
 
 
 def summarize(run_dir: Path, name: str, partitioner: str) -> dict:

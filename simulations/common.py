@@ -2,23 +2,45 @@
 from __future__ import annotations
 
 import json
+import shutil
+import time
 from pathlib import Path
 
-from fedfar.launch import run_simulation
-from fedfar.results import plot_runs
+from fedfar.federation.launch import run_simulation
+from fedfar.federation.results import plot_runs
 
 
-def run_variant(config: str, clients: int, runs_dir: Path, run_name: str, overrides: dict) -> Path | None:
+class Progress:
+    """Which run of a study is on, out of how many, and about how long the rest will take (from the runs this
+    process has done; runs kept from an earlier start cost nothing)."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.index, self.ran, self.start = total, 0, 0, time.perf_counter()
+
+    def next(self, name: str) -> None:
+        self.index += 1
+        elapsed = time.perf_counter() - self.start
+        left = (f", about {elapsed / self.ran * (self.total - self.index + 1) / 60:.0f} min left" if self.ran else "")
+        print(f"=== run {self.index}/{self.total}: {name} (study {elapsed / 60:.0f} min in{left}) ===", flush=True)
+
+
+def run_variant(config: str, clients: int, runs_dir: Path, run_name: str, overrides: dict,
+                progress: Progress | None = None) -> Path | None:
     """One Ray simulation into runs_dir/run_name; a run whose summary.json exists is kept, not rerun.
     Returns the run folder, or None if the run failed (the study goes on with the others)."""
     run_dir = runs_dir / run_name
+    if progress:
+        progress.next(run_name)
     if not (run_dir / "summary.json").exists():
-        print(f"=== {run_name} ===", flush=True)
         code = run_simulation(config, clients, overrides={**overrides, "results-dir": str(runs_dir),
                                                           "run-name": run_name, "save-model": False})
+        if progress:
+            progress.ran += 1
         if code != 0 or not (run_dir / "summary.json").exists():
             print(f"{run_name}: failed (exit {code}); continuing with the others", flush=True)
             return None
+    else:
+        print(f"{run_name}: kept from an earlier start ({run_dir})", flush=True)
     return run_dir
 
 
@@ -30,6 +52,17 @@ def write_study(out: Path, table: str, rows: list[dict]) -> None:
 
 
 def plot_study(run_dirs: list[Path], out: Path, metric: str, title: str, name: str) -> Path:
-    """All runs of a study on one figure (fedfar.results.plot_runs), saved as out/name."""
+    """All runs of a study on one figure (fedfar.federation.results.plot_runs), saved as out/name."""
     path = plot_runs(run_dirs, out, metric, title=title)[0]
     return path.rename(out / name)
+
+
+def publish(out: Path, dest: str) -> None:
+    """Copy a study's tables (*.md) and figures (*.png), not its runs, into a committed folder such as
+    docs/studies/<study>/, so the docs show what the last run of the command produced."""
+    if not dest:
+        return
+    target = Path(dest)
+    target.mkdir(parents=True, exist_ok=True)
+    copied = [shutil.copy2(f, target / f.name) for f in sorted(out.iterdir()) if f.suffix in (".md", ".png")]
+    print(f"published {len(copied)} files to {target}: " + ", ".join(Path(c).name for c in copied))

@@ -3,7 +3,7 @@
     python simulations/memory_budget.py                 # MiniLM-L6 on shared SST-2, 10 devices of mixed_edge
     python simulations/memory_budget.py --target 0.80
 
-Every device checks its accounted peak training memory against its budget before it trains (fedfar.edge).
+Every device checks its accounted peak training memory against its budget before it trains (fedfar.devices.device).
 With oom-policy "fail" a device over budget refuses, as a real one would run out of memory: FedAvg-full loses the
 small-memory phones, FedFAR keeps them. "fedavg-full-adapt" shows the other way out, micro-batches with gradient
 accumulation. Each run is a real Ray simulation with the simulated clock (FLOPs counted from the work done,
@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from common import plot_study, run_variant, write_study
-from fedfar.config import RunConfig
-from fedfar.launch import PROJECT_DIR, run_config_values
-from fedfar.results import time_to_target
+from common import Progress, plot_study, publish, run_variant, write_study
+from fedfar.federation.config import RunConfig
+from fedfar.federation.launch import PROJECT_DIR, run_config_values
+from fedfar.federation.results import time_to_target
 
 VARIANTS: dict[str, dict] = {
     "fedavg-full": {"method": "full", "oom-policy": "fail"},
@@ -40,21 +40,27 @@ def main() -> None:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--target", type=float, default=0.80, help="dev metric for the time-to-target column")
     p.add_argument("--out", default="results/memory_budget")
+    p.add_argument("--publish", default="", metavar="DIR",
+                   help="also copy the tables and figures to DIR (the docs use docs/studies/memory-budget)")
     args = p.parse_args()
 
     out = (PROJECT_DIR / args.out).resolve()
     cfg = RunConfig.from_flower(run_config_values(args.config))
     # The fleet file is read in the project directory by the app; make it absolute for the launcher's check too.
     fleet = str((PROJECT_DIR / cfg.fleet).resolve())
-    rows = []
-    for name in args.variants.split(","):
-        if name not in VARIANTS:
-            raise SystemExit(f"unknown variant {name!r}: choose from {', '.join(VARIANTS)}")
-        run_dir = run_variant(args.config, args.clients, out / "runs", name, {**VARIANTS[name], "fleet": fleet})
+    names = args.variants.split(",")
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}: choose from {', '.join(VARIANTS)}")
+    rows, progress = [], Progress(len(names))
+    for name in names:
+        run_dir = run_variant(args.config, args.clients, out / "runs", name, {**VARIANTS[name], "fleet": fleet},
+                              progress)
         if run_dir is not None:
             rows.append(summarize(run_dir, name, args.target))
     write(rows, out, args.target)
     memory_check(cfg, out)
+    publish(out, args.publish)
 
 
 def summarize(run_dir: Path, name: str, target: float) -> dict:
@@ -112,18 +118,18 @@ def bars(rows: list[dict], path: Path, target: float) -> None:
 
 
 def memory_check(cfg: RunConfig, out: Path) -> None:
-    """Accounted peak (fedfar.memory) vs the CPU allocator's own events under torch.profiler, at the run's shape."""
-    from fedfar.bench import prepare, random_batch
+    """Accounted peak (fedfar.devices.memory) vs the CPU allocator's own events under torch.profiler, at the run's shape."""
     from fedfar.data import get_task
-    from fedfar.far import MethodSpec
-    from fedfar.memory import account, profiled_peak_bytes
-    from fedfar.models import load_model
+    from fedfar.devices.budget import prepare_for_accounting
+    from fedfar.devices.memory import account, profiled_peak_bytes
+    from fedfar.methods import parse_method
+    from fedfar.models import load_model, random_batch
 
-    lines = [f"| method | accounted peak | measured (torch.profiler, CPU allocator) | measured / accounted |",
+    lines = ["| method | accounted peak | measured (torch.profiler, CPU allocator) | measured / accounted |",
              "|---|---|---|---|"]
     for method in ("full", "full-emb", "far10-emb", "far10-attn"):
         model = load_model(cfg.model, get_task(cfg.task).num_labels, seed=cfg.seed)
-        prepare(model, MethodSpec.parse(method))
+        prepare_for_accounting(model, parse_method(method))
         batch = random_batch(model, cfg.batch_size, cfg.max_length)
         accounted = account(model, batch).peak_training_bytes
         measured = profiled_peak_bytes(model, batch)["measured_peak_bytes"]

@@ -6,12 +6,13 @@ import torch
 from conftest import tiny_batch, tiny_model
 from torch import nn
 
-from fedfar.bench import random_batch, run_bench
-from fedfar.budget import count_flops
-from fedfar.models import load_model
+from fedfar.bench import run_bench
+from fedfar.devices.flops import count_flops
+from fedfar.models import load_model, random_batch
 from fedfar.cli import main
-from fedfar.far import ffn_sizes, get_policy, random_learners, reconfigure
-from fedfar.memory import account, adamw_state_bytes, optimizer_state_bytes, saved_tensor_bytes
+from fedfar.methods import get_policy
+from fedfar.methods.far import ffn_sizes, random_learners, reconfigure
+from fedfar.devices.memory import account, adamw_state_bytes, optimizer_state_bytes, saved_tensor_bytes
 
 
 def test_saved_tensors_count_shared_storage_once_and_parameters_never():

@@ -7,8 +7,8 @@ import torch
 from conftest import tiny_batch, tiny_model
 from torch import nn
 
-from fedfar.bench import prepare
-from fedfar.budget import (
+from fedfar.devices.budget import prepare_for_accounting
+from fedfar.devices.budget import (
     ADAPT_ORDER,
     TrainingShape,
     check_floor,
@@ -17,9 +17,10 @@ from fedfar.budget import (
     no_grad_activation_peak,
     peak_bytes,
     plan,
-    train_step_flops,
 )
-from fedfar.far import MethodSpec, num_learners
+from fedfar.devices.flops import train_step_flops
+from fedfar.methods import parse_method
+from fedfar.methods.far import num_learners
 
 SHAPE = TrainingShape.for_method("far10", batch_size=8, seq_len=16)  # micro_batch 8, retention 0.1
 FULL = TrainingShape.for_method("full", batch_size=8, seq_len=16)
@@ -141,7 +142,7 @@ def test_check_floor_rejects_a_budget_below_the_weights():
 
 def _configured(method, storage="bfloat16"):
     model = tiny_model()
-    prepare(model, MethodSpec.parse(method), seed=0, preact_storage=storage)
+    prepare_for_accounting(model, parse_method(method), seed=0, preact_storage=storage)
     return model
 
 

@@ -2,8 +2,8 @@
 import pytest
 
 from fedfar.cli import main
-from fedfar.config import RunConfig
-from fedfar.launch import app_config_defaults
+from fedfar.federation.config import RunConfig
+from fedfar.federation.launch import app_config_defaults
 
 
 def test_pyproject_defaults_are_exactly_the_run_config_fields():

@@ -1,11 +1,11 @@
-"""Tests for fedfar.deltas: codecs, byte accounting and delta arithmetic."""
+"""Tests for fedfar.federation.codecs: codecs, byte accounting and delta arithmetic."""
 
 import pytest
 import torch
 from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.common.serde import array_record_to_proto, message_to_proto, recorddict_to_proto
 
-from fedfar.deltas import (
+from fedfar.federation.codecs import (
     CODECS,
     SCALE_SUFFIX,
     apply_delta,

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from fedfar.devices import (DEFAULT_CATALOG, DeviceProfile, available, fleet_from_node_config, load_catalog,
-                            load_fleet, parse_bytes, parse_flops, parse_rate, round_duration, round_time)
+from fedfar.devices.clock import available, round_duration, round_time
+from fedfar.devices.profiles import (DEFAULT_CATALOG, DeviceProfile, fleet_from_node_config, load_catalog, load_fleet,
+                                     parse_bytes, parse_flops, parse_rate)
 
 FLEETS = DEFAULT_CATALOG.parent / "fleets"
 REQUIRED = ["raspberry-pi-4-4gb", "raspberry-pi-4-8gb", "jetson-nano", "jetson-xavier-nx",

@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from conftest import ListLoader, tiny_batch, tiny_model
-from fedfar.budget import count_flops
-from fedfar.config import RunConfig
-from fedfar.devices import DeviceProfile, clock_round
-from fedfar.edge import adapted_spec, check_fleet, client_profile, device_plan, profile_from_record, profile_record
-from fedfar.far import MethodSpec
+from fedfar.devices.flops import count_flops
+from fedfar.federation.config import RunConfig
+from fedfar.devices.clock import clock_round
+from fedfar.devices.profiles import DeviceProfile
+from fedfar.devices.device import adapted_method, check_fleet, client_profile, device_plan, profile_from_record, profile_record
+from fedfar.methods import Full, parse_method
 from fedfar.train import TrainConfig, train
 
 MIB = 2**20
@@ -28,7 +29,7 @@ def test_micro_batches_accumulate_the_same_step_as_the_whole_batch():
     results = []
     for micro in (0, 2, 4):  # 4 leaves an uneven last micro-batch of 2: weighting by share keeps it exact
         model = tiny_model()
-        out = train(model, ListLoader([batch]), MethodSpec("full"), 1.0, TrainConfig(lr=1e-2, micro_batch=micro))
+        out = train(model, ListLoader([batch]), Full(), 1.0, TrainConfig(lr=1e-2, micro_batch=micro))
         results.append((out["losses"][0], model.state_dict()))
     (loss0, ref), *others = results
     for loss, state in others:
@@ -82,8 +83,8 @@ def test_adapted_retention_reaches_the_method(model):
     tight = device_plan(_cfg(method="far50"), model, _profile(memory=1 << 34))
     squeezed = copy.copy(tight.train)
     object.__setattr__(squeezed, "shape", type(tight.train.shape)(8, 16, 1, 0.125))
-    assert adapted_spec(MethodSpec.parse("far50"), squeezed).retention == 0.125
-    assert adapted_spec(MethodSpec.parse("full"), tight.train) == MethodSpec.parse("full")
+    assert adapted_method(parse_method("far50"), squeezed).retention == 0.125
+    assert adapted_method(parse_method("full"), tight.train) == parse_method("full")
 
 
 def test_a_fleet_with_a_budget_below_inference_is_rejected_at_start_up(model, tmp_path):
@@ -133,7 +134,7 @@ def test_counted_flops_of_far_training_are_fewer_than_full():
     for method in ("full-emb", "far25-emb"):
         model = tiny_model()
         with count_flops() as counter:
-            train(model, ListLoader([batch] * 3), MethodSpec.parse(method), 1.0, TrainConfig(lr=1e-3),
+            train(model, ListLoader([batch] * 3), parse_method(method), 1.0, TrainConfig(lr=1e-3),
                   learners=None if method == "full-emb" else [torch.arange(16)] * 2)
         flops[method] = counter.get_total_flops()
     assert 0 < flops["far25-emb"] < flops["full-emb"]
@@ -151,7 +152,7 @@ def test_device_keys_are_validated(key, value, message):
 
 def test_fedfar_run_rejects_a_fleet_below_the_inference_floor_before_starting_flower(tmp_path, capsys):
     from fedfar.cli import main
-    from fedfar.launch import process_tree
+    from fedfar.federation.processes import process_tree
     import os
 
     (tmp_path / "cat.toml").write_text('[watch]\nmemory = "2 MiB"\ncompute = "1 GFLOPS"\nuplink = "1 Mbit/s"\n'

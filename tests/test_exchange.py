@@ -3,30 +3,31 @@ import pytest
 import torch
 from conftest import tiny_batch, tiny_model
 
-from fedfar import exchange
-from fedfar.far import MethodSpec, ffn_sizes, random_learners
+from fedfar.federation import exchange
+from fedfar.methods import BitFit, Full, parse_method
+from fedfar.methods.far import ffn_sizes, random_learners
 
 
 def test_plans_name_exactly_the_trainable_tensors():
     model = tiny_model()
-    full = exchange.plan_for(model, MethodSpec("full"))
+    full = Full().exchange_plan(model)
     assert set(full.dense) == set(dict(model.named_parameters())) and not full.sliced
-    emb = exchange.plan_for(model, MethodSpec.parse("far10-emb"))
+    emb = parse_method("far10-emb").exchange_plan(model)
     assert "bert.embeddings.word_embeddings.weight" not in emb.dense
     assert "bert.encoder.layer.0.attention.self.query.weight" in emb.dense
     assert "bert.encoder.layer.0.output.dense.bias" in emb.dense  # b2 trains with the learners
     assert emb.ffn[0] == ("bert.encoder.layer.0.intermediate.dense.weight",
                           "bert.encoder.layer.0.intermediate.dense.bias", "bert.encoder.layer.0.output.dense.weight")
-    attn = exchange.plan_for(model, MethodSpec.parse("far10-attn"))
+    attn = parse_method("far10-attn").exchange_plan(model)
     assert not any("attention.self" in n for n in attn.dense)
-    bitfit = exchange.plan_for(model, MethodSpec("bitfit"))
+    bitfit = BitFit().exchange_plan(model)
     assert all(n.endswith("bias") or n.startswith("classifier") for n in bitfit.dense)
     assert all(p.requires_grad for p in model.parameters())  # planning leaves the model as it was
 
 
 def test_select_then_write_round_trips_rows():
     model = tiny_model()
-    plan = exchange.plan_for(model, MethodSpec.parse("far25-attn"))
+    plan = parse_method("far25-attn").exchange_plan(model)
     rows = random_learners(ffn_sizes(model), 0.25, seed=0)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     part = exchange.select(state, plan, rows)
@@ -79,13 +80,13 @@ def test_local_mask_aggregation_averages_each_row_over_its_senders():
 
 
 def test_local_update_delta_holds_only_trainable_tensors_and_frozen_weights_stay():
-    from fedfar.config import RunConfig
-    from fedfar.local import local_update
+    from fedfar.federation.config import RunConfig
+    from fedfar.federation.client import local_update
 
     model = tiny_model()
     pristine = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = RunConfig(method="far25-emb", lr=1e-2, local_epochs=1)
-    plan = exchange.plan_for(model, cfg.spec)
+    plan = cfg.spec.exchange_plan(model)
     rows = random_learners(ffn_sizes(model), 0.25, seed=3)
     down = exchange.select(model.state_dict(), plan, rows)
     delta, metrics = local_update(model, down, plan, rows, [tiny_batch(seed=s) for s in range(3)], cfg, seed=0)

@@ -8,13 +8,11 @@ from conftest import TINY, tiny_batch, tiny_model
 from torch import nn
 from transformers import AutoModelForSequenceClassification
 
-from fedfar.far import (
-    MethodSpec,
+from fedfar.methods import FAR, Full, RandomSelection, apply_bitfit, get_policy, parse_method
+from fedfar.methods.far import (
     SplitFFN,
-    apply_bitfit,
     ffn_sizes,
     ffn_weights,
-    get_policy,
     learner_indices,
     merge,
     node_scores,
@@ -22,7 +20,7 @@ from fedfar.far import (
     reconfigure,
     select_learners,
 )
-from fedfar.far.layer import _joined, activation_kind
+from fedfar.methods.far.layer import _joined, activation_kind
 from fedfar.train import TrainConfig, carry_optimizer_state, make_optimizer, train
 
 
@@ -147,7 +145,7 @@ def test_priming_then_reconfigure_selects_by_movement_and_keeps_schedule():
     batches = [tiny_batch(seed=s) for s in range(20)]
     seen_lr = []
     cfg = TrainConfig(lr=1e-2, warmup_share=0.0, priming_share=0.1)
-    spec = MethodSpec("far", 0.25, "paper")
+    spec = FAR(retention=0.25, policy="paper")
     out = train(model, batches, spec, epochs=1, cfg=cfg, on_step=lambda s, l: seen_lr.append(s))
     assert out["priming_steps"] == 2 and out["steps"] == 20
     assert [x.numel() for x in learner_indices(model)] == [16, 16]  # round(0.25 * 64)
@@ -216,16 +214,16 @@ def test_unsupported_family_names_the_supported_ones():
 
 
 def test_method_spec_parsing_and_errors():
-    assert MethodSpec.parse("far10-emb") == MethodSpec("far", 0.1, "frozen-embeddings")
-    assert MethodSpec.parse("random40") == MethodSpec("random", 0.4, "paper")
-    assert MethodSpec.parse("far10-attn").label == "far10-attn"
-    assert MethodSpec.parse("bitfit").method == "bitfit"
+    assert parse_method("far10-emb") == FAR(retention=0.1, policy="frozen-embeddings")
+    assert parse_method("random40") == RandomSelection(retention=0.4, policy="paper")
+    assert parse_method("far10-attn").label == "far10-attn"
+    assert parse_method("bitfit").name == "bitfit"
     with pytest.raises(ValueError, match="far<retention"):
-        MethodSpec.parse("lora8")
+        parse_method("lora8")
     with pytest.raises(ValueError, match="freeze policy"):
-        MethodSpec("far", 0.1, "frozen-everything")
+        FAR(retention=0.1, policy="frozen-everything")
     with pytest.raises(ValueError, match="retention"):
-        MethodSpec("far", 1.5)
+        FAR(retention=1.5)
 
 
 def test_reconfigure_validates_learner_lists(model):
@@ -263,15 +261,15 @@ def test_dropout_goes_back_on_merge():
 
 
 def test_full_finetuning_under_a_policy_freezes_outside_the_ffn_only():
-    spec = MethodSpec.parse("full-emb")
-    assert spec == MethodSpec("full", policy="frozen-embeddings") and spec.label == "full-emb"
+    spec = parse_method("full-emb")
+    assert spec == Full(policy="frozen-embeddings") and spec.label == "full-emb"
     model = tiny_model()
     train(model, [tiny_batch()], spec, epochs=1, cfg=TrainConfig())
     trains = {n for n, p in model.named_parameters() if p.requires_grad}
     assert "bert.embeddings.word_embeddings.weight" not in trains
     assert "bert.encoder.layer.0.intermediate.dense.weight" in trains
     with pytest.raises(ValueError, match="bitfit"):
-        MethodSpec.parse("bitfit-emb")
+        parse_method("bitfit-emb")
 
 
 def test_split_branches_share_one_storage_and_a_copied_layer_computes_the_same():

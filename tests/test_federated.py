@@ -9,13 +9,14 @@ import pandas as pd
 import pytest
 import torch
 
-from fedfar import exchange
-from fedfar.budget import TrainingShape, peak_bytes
-from fedfar.config import RunConfig
-from fedfar.devices import load_catalog
+from fedfar.federation import exchange
+from fedfar.devices.budget import TrainingShape, peak_bytes
+from fedfar.federation.config import RunConfig
+from fedfar.devices.profiles import load_catalog
 from fedfar.data import default_glue_dir
-from fedfar.deltas import encode, payload_nbytes
-from fedfar.launch import PROJECT_DIR, process_tree, run_simulation
+from fedfar.federation.codecs import encode, payload_nbytes
+from fedfar.federation.launch import PROJECT_DIR, run_simulation
+from fedfar.federation.processes import process_tree
 from fedfar.models import load_model
 
 pytestmark = [pytest.mark.ray]
@@ -69,7 +70,7 @@ def _cfg(run: Path) -> RunConfig:
 def _payload(cfg: RunConfig, rows: list[list[int]] | None, codec: str = "float32", with_rows: bool = True) -> int:
     """Bytes of array data in a part of this run's plan, built independently of the run from the plan alone."""
     model = load_model(cfg.model, 2, seed=cfg.seed)
-    plan = exchange.plan_for(model, cfg.spec)
+    plan = cfg.spec.exchange_plan(model)
     part = exchange.select(model.state_dict(), plan, [torch.tensor(r, dtype=torch.long) for r in rows] if rows else None)
     if not with_rows:
         part = {k: v for k, v in part.items() if not k.endswith(".rows")}
@@ -103,7 +104,7 @@ def test_frozen_parameters_of_the_global_model_never_change(runs):
     cfg = _cfg(run)
     initial = load_model(cfg.model, 2, seed=cfg.seed).state_dict()
     final = type(load_model(cfg.model, 2)).from_pretrained(run / "model").state_dict()
-    plan = exchange.plan_for(load_model(cfg.model, 2), cfg.spec)
+    plan = cfg.spec.exchange_plan(load_model(cfg.model, 2))
     learners = json.loads((run / "mask.json").read_text())["learners"]
     sent = set(plan.dense)
     for name, before in initial.items():

@@ -1,4 +1,4 @@
-"""Training on a CUDA GPU with a device's budget enforced by the allocator (fedfar.gpu).
+"""Training on a CUDA GPU with a device's budget enforced by the allocator (fedfar.devices.gpu).
 
 This machine has no GPU: the tests marked `cuda` are skipped here and run where torch sees one. What runs here
 is everything that must hold without a GPU: the fraction, the errors, and the CPU path being left untouched.
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from conftest import ListLoader, tiny_batch, tiny_model
-from fedfar.config import RunConfig
-from fedfar.far import MethodSpec
-from fedfar.gpu import BudgetExceeded, memory_fraction, on_device, resolve_device
+from fedfar.federation.config import RunConfig
+from fedfar.methods import parse_method
+from fedfar.devices.gpu import BudgetExceeded, memory_fraction, on_device, resolve_device
 from fedfar.train import TrainConfig, train
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
@@ -37,7 +37,7 @@ def test_device_names_are_validated_with_the_choices():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
 def test_cuda_without_a_gpu_is_a_clear_error_before_anything_starts(capsys):
     from fedfar.cli import main
-    from fedfar.launch import process_tree
+    from fedfar.federation.processes import process_tree
 
     with pytest.raises(RuntimeError, match="sees no CUDA GPU.*Set device='cpu'"):
         resolve_device("cuda")
@@ -59,8 +59,8 @@ def test_on_the_cpu_training_is_untouched_and_reports_no_gpu_figures():
     batch = tiny_batch()
     cfg = TrainConfig(lr=1e-3)
     with on_device(a, torch.device("cpu"), budget_bytes=1) as usage:  # no allocator to cap on the CPU
-        train(a, ListLoader([batch] * 2), MethodSpec.parse("full"), 1.0, cfg)
-    train(b, ListLoader([batch] * 2), MethodSpec.parse("full"), 1.0, cfg)
+        train(a, ListLoader([batch] * 2), parse_method("full"), 1.0, cfg)
+    train(b, ListLoader([batch] * 2), parse_method("full"), 1.0, cfg)
     assert usage.figures() == {}
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(pa, pb), name
@@ -72,7 +72,7 @@ def test_a_gpu_budget_below_the_step_raises_budget_exceeded_and_frees_the_gpu():
     batch = tiny_batch(batch_size=32, seq_len=128)
     try:
         with on_device(model, torch.device("cuda"), budget_bytes=4 * MIB):
-            train(model, ListLoader([batch]), MethodSpec.parse("full"), 1.0, TrainConfig(lr=1e-3))
+            train(model, ListLoader([batch]), parse_method("full"), 1.0, TrainConfig(lr=1e-3))
     except BudgetExceeded as err:
         usage = err.usage
     else:
@@ -91,7 +91,7 @@ def test_a_gpu_budget_above_the_step_trains_like_the_cpu_and_measures_its_peak()
     usage = {}
     for model, device in ((gpu, "cuda"), (cpu, "cpu")):
         with on_device(model, torch.device(device), budget_bytes=512 * MIB) as usage[device]:
-            train(model, ListLoader([batch] * 2), MethodSpec.parse("far25-emb"), 1.0, TrainConfig(lr=1e-3),
+            train(model, ListLoader([batch] * 2), parse_method("far25-emb"), 1.0, TrainConfig(lr=1e-3),
                   learners=[torch.arange(16)] * 2)
     assert 0 < usage["cuda"].peak_bytes <= 512 * MIB
     assert usage["cuda"].figures() == {"enforced-budget-bytes": 512 * MIB,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fedfar import launch
+from fedfar.federation import launch, processes
 
 
 def _gone(pid: int) -> bool:
@@ -28,11 +28,11 @@ def _gone(pid: int) -> bool:
 def _wait_for_children(pid: int, count: int, timeout: float = 5.0) -> set[int]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        tree = launch.process_tree(pid)
+        tree = processes.process_tree(pid)
         if len(tree) >= count:
             return tree
         time.sleep(0.05)
-    raise AssertionError(f"expected {count} processes under {pid}, saw {launch.process_tree(pid)}")
+    raise AssertionError(f"expected {count} processes under {pid}, saw {processes.process_tree(pid)}")
 
 
 def test_flower_env_sets_variables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -69,27 +69,32 @@ def test_run_simulation_rejects_unknown_key_before_starting(monkeypatch: pytest.
         launch.run_simulation(None, 2, cpus_per_client=0.5)
 
 
-def test_merged_run_config(tmp_path: Path) -> None:
-    tomllib = launch.tomllib
+def test_run_config_args_are_what_flower_parses_back(tmp_path: Path) -> None:
+    """A file alone passes through as its path; a file plus overrides becomes one "k=v ..." string, which Flower's
+    own parser must read back as the merged values (quotes, booleans and floats included)."""
+    from flwr.common.config import parse_config_args
 
     cfg = tmp_path / "base.toml"
     cfg.write_text('num-rounds = 5\ntask = "sst2"\nlr = 1e-4\n')
-    path, owned = launch.merged_run_config(cfg, None, launch.PROJECT_DIR, tmp_path / "out")
-    assert (path, owned) == (cfg, False)  # a plain TOML file is passed through untouched
-    path, owned = launch.merged_run_config(cfg, {"num-rounds": 1, "run-name": 'a "b"', "federated-eval": True},
-                                           launch.PROJECT_DIR, tmp_path / "out")
-    assert owned and path.parent == tmp_path / "out"
-    with open(path, "rb") as f:
-        assert tomllib.load(f) == {"num-rounds": 1, "task": "sst2", "lr": 1e-4, "run-name": 'a "b"',
-                                   "federated-eval": True}
+    assert launch.run_config_args(cfg, None) == ["--run-config", str(cfg)]
+    assert launch.run_config_args(None, None) == []
+    overrides = {"num-rounds": 1, "run-name": 'a "b"', "federated-eval": True, "data": "/tmp/x y"}
+    flag, value = launch.run_config_args(cfg, overrides)
+    assert flag == "--run-config"
+    assert parse_config_args([value]) == {"num-rounds": 1, "task": "sst2", "lr": 1e-4, "run-name": 'a "b"',
+                                          "federated-eval": True, "data": "/tmp/x y"}
+    with pytest.raises(ValueError, match="both"):
+        launch.run_config_args(None, {"run-name": "it's \"x\""})
+    with pytest.raises(ValueError, match="num-roundz"):
+        launch.run_config_args(cfg, {"num-roundz": 1})
 
 
 def test_stop_process_tree_kills_group_without_survivors() -> None:
     proc = subprocess.Popen(["bash", "-c", "sleep 60 & sleep 60 & wait"], start_new_session=True)
     pids = _wait_for_children(proc.pid, 3)
-    launch.stop_process_tree(proc, timeout=5)
+    processes.stop_process_tree(proc, timeout=5)
     assert proc.returncode is not None
-    assert all(_gone(p) for p in pids), launch.describe({p for p in pids if not _gone(p)})
+    assert all(_gone(p) for p in pids), processes.describe({p for p in pids if not _gone(p)})
 
 
 def test_stop_process_tree_finds_orphans_in_other_sessions_and_sigterm_ignorers() -> None:
@@ -101,15 +106,15 @@ def test_stop_process_tree_finds_orphans_in_other_sessions_and_sigterm_ignorers(
     proc = subprocess.Popen(["bash", "-c", script], start_new_session=True)
     pids = _wait_for_children(proc.pid, 4)
     t0 = time.monotonic()
-    launch.stop_process_tree(proc, timeout=1)
+    processes.stop_process_tree(proc, timeout=1)
     assert time.monotonic() - t0 < 8
-    assert all(_gone(p) for p in pids), launch.describe({p for p in pids if not _gone(p)})
+    assert all(_gone(p) for p in pids), processes.describe({p for p in pids if not _gone(p)})
 
 
 def test_stop_process_tree_on_exited_process_is_a_no_op() -> None:
     proc = subprocess.Popen(["true"], start_new_session=True)
     proc.wait()
-    launch.stop_process_tree(proc, timeout=1)
+    processes.stop_process_tree(proc, timeout=1)
     assert proc.returncode == 0
 
 
@@ -140,22 +145,12 @@ def test_run_simulation_stops_superlink_tree_on_sigterm(monkeypatch: pytest.Monk
         time.sleep(5)
         return 0
 
-    written: list[Path] = []
-    real_merge = launch.merged_run_config
-
-    def recording_merge(*args, **kwargs):  # type: ignore[no-untyped-def]
-        path, owned = real_merge(*args, **kwargs)
-        written.append(path)
-        return path, owned
-
     monkeypatch.setattr(launch, "start_local_superlink", fake_superlink)
     monkeypatch.setattr(launch, "flwr_run", fake_flwr_run)
-    monkeypatch.setattr(launch, "merged_run_config", recording_merge)
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as exc:
         launch.run_simulation(None, 2, overrides={"num-rounds": 1})
     assert exc.value.code == 128 + signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) == before  # handlers restored
     assert started and started[0].returncode is not None
-    assert not launch.process_tree(started[0].pid)
-    assert written and not written[0].exists()  # the merged run config is removed too
+    assert not processes.process_tree(started[0].pid)

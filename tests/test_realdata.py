@@ -46,13 +46,13 @@ def test_random_selection_moves_exactly_the_learner_rows_of_the_real_model(tmp_p
 @pytest.mark.parametrize("method", ["full", "far10-emb"])
 def test_accounted_peak_agrees_with_the_profiled_allocator_on_minilm(method):
     """The accounting vs an independent measurement (the CPU allocator's events under torch.profiler)."""
-    from fedfar.bench import prepare, random_batch
-    from fedfar.far import MethodSpec
-    from fedfar.memory import account, profiled_peak_bytes
-    from fedfar.models import load_model
+    from fedfar.devices.budget import prepare_for_accounting
+    from fedfar.devices.memory import account, profiled_peak_bytes
+    from fedfar.methods import parse_method
+    from fedfar.models import load_model, random_batch
 
     model = load_model("minilm", 2, seed=0)
-    prepare(model, MethodSpec.parse(method))
+    prepare_for_accounting(model, parse_method(method))
     batch = random_batch(model, 16, 64)
     accounted = account(model, batch).peak_training_bytes
     measured = profiled_peak_bytes(model, batch)

@@ -5,11 +5,11 @@ from conftest import tiny_model
 from flwr.app import Error, Message, MetricRecord, RecordDict
 from flwr.common.serde import message_to_proto
 
-from fedfar import exchange
-from fedfar.config import RunConfig
-from fedfar.deltas import encode
-from fedfar.results import RunFolder
-from fedfar.strategy import FedFar, union_seconds
+from fedfar.federation import exchange
+from fedfar.federation.config import RunConfig
+from fedfar.federation.codecs import encode
+from fedfar.federation.results import RunFolder
+from fedfar.federation.strategy import FedFar, union_seconds
 
 
 def _strategy(tmp_path, method="far25-emb"):

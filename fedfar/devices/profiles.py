@@ -1,9 +1,9 @@
-"""Simulated edge devices (DESIGN §3): what a device may spend on training, how fast it is, when it can take part.
+"""Device profiles (DESIGN §3): what a device may spend on training, how fast it is, when it can take part.
 
 A *profile* gives a device class its memory budget, sustained compute, link bandwidth and availability.
 Profiles live in a TOML *catalog* (configs/devices.toml) written in human units, so adding a device needs no
-code. A *fleet* assigns one profile per data partition, by shares or by an explicit list. The simulated clock
-turns bytes and FLOPs into seconds; a round lasts as long as its slowest selected client, or its deadline.
+code. A *fleet* assigns one profile per data partition, by shares or by an explicit list (the simulated clock
+that turns bytes and FLOPs into seconds is in fedfar.devices.clock).
 
 Extending the catalog: ``load_catalog(extra=["my_devices.toml"])`` reads the shipped catalog, then each extra
 file in order; an entry whose name already exists replaces it (so a user can correct a figure without editing
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-DEFAULT_CATALOG = Path(__file__).resolve().parents[1] / "configs" / "devices.toml"
+DEFAULT_CATALOG = Path(__file__).resolve().parents[2] / "configs" / "devices.toml"
 
 
 @dataclass(frozen=True)
@@ -239,47 +239,3 @@ def fleet_from_node_config(node_config: Mapping, catalog: Mapping[str, DevicePro
                          "--node-config \"partition-id=0 num-partitions=2 device='jetson-nano'\"; "
                          f"valid devices: {', '.join(sorted(catalog))}")
     return _lookup(catalog, node_config["device"], "node config 'device'")
-
-
-# ---------------------------------------------------------------------------------- the simulated clock
-def round_time(profile: DeviceProfile, bytes_down: int, bytes_up: int, train_flops: float) -> dict[str, float]:
-    """One client's simulated round: receive, train, send, one after the other (no overlap)."""
-    if min(bytes_down, bytes_up, train_flops) < 0:
-        raise ValueError(f"bytes and FLOPs must be >= 0, got {bytes_down=}, {bytes_up=}, {train_flops=}")
-    t = {"download_s": bytes_down / profile.downlink_bytes_per_s,
-         "compute_s": train_flops / profile.flops_per_s,
-         "upload_s": bytes_up / profile.uplink_bytes_per_s}
-    t["total_s"] = t["download_s"] + t["compute_s"] + t["upload_s"]
-    return t
-
-
-def round_duration(times: Sequence[float], deadline_s: float | None = None) -> tuple[float, list[bool]]:
-    """The round waits for its slowest selected client; with a deadline, clients over it are stragglers
-    (False in the mask, their updates dropped) and the round ends at the deadline."""
-    if deadline_s is not None and deadline_s <= 0:
-        raise ValueError(f"deadline_s must be > 0, got {deadline_s}")
-    slowest = max(times, default=0.0)
-    if deadline_s is None:
-        return slowest, [True] * len(times)
-    return min(deadline_s, slowest), [t <= deadline_s for t in times]
-
-
-def clock_round(entries: list[dict], profiles: Mapping[int, DeviceProfile], deadline_s: float | None = None) -> float:
-    """One round of the simulated clock over ledger entries (dicts with node_id, status, bytes_down, bytes_up and,
-    for devices that trained, train_flops). Adds sim_download_s / sim_compute_s / sim_upload_s / sim_total_s to each
-    entry of a simulated device that answered ("ok", or "oom": it received the part and sent its refusal), marks
-    an "ok" entry that missed the deadline "late", and returns the round's duration."""
-    timed = [e for e in entries if e["node_id"] in profiles and e["status"] in ("ok", "oom")]
-    for e in timed:
-        t = round_time(profiles[e["node_id"]], e["bytes_down"], e["bytes_up"], e.get("train_flops", 0.0))
-        e.update({f"sim_{k}": v for k, v in t.items()})
-    duration, in_time = round_duration([e["sim_total_s"] for e in timed], deadline_s)
-    for e, ok in zip(timed, in_time):
-        if not ok and e["status"] == "ok":
-            e["status"] = "late"
-    return duration
-
-
-def available(profiles: Sequence[DeviceProfile], rng: random.Random) -> list[bool]:
-    """Who can be selected this round: one Bernoulli(availability) draw each, from the caller's seeded rng."""
-    return [rng.random() < p.availability for p in profiles]

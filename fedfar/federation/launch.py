@@ -11,26 +11,26 @@ import json
 import math
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from flwr.common.config import flatten_dict
+
+from .processes import SignalGuard, stop_process_tree
 
 try:  # Python 3.11+
     import tomllib
 except ModuleNotFoundError:  # 3.10: the same parser, as installed with flwr
     import tomli as tomllib  # type: ignore[no-redef]
 
-PROJECT_DIR = Path(__file__).resolve().parents[1]
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 
 # Child processes must find the venv's console scripts (flower-superlink spawns `flower-superexec`, which spawns
 # `flwr-simulation`, by name via PATH) even when this interpreter was started as `.venv/bin/python`, unactivated.
@@ -83,155 +83,6 @@ def _local_ports(env: Mapping[str, str]) -> tuple[int, int]:
 def bin_path(name: str) -> str:
     path = _BIN_DIR / name
     return str(path) if path.exists() else name
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Processes
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _process_table() -> dict[int, tuple[int, int, int, str]]:
-    """pid -> (ppid, pgid, sid, state) of every visible process."""
-    table: dict[int, tuple[int, int, int, str]] = {}
-    if os.path.exists("/proc/self/stat"):
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            try:
-                with open(os.path.join(entry.path, "stat"), encoding="utf-8", errors="replace") as f:
-                    raw = f.read()
-            except OSError:  # exited while we looked
-                continue
-            fields = raw[raw.rfind(")") + 2:].split()  # the command name may contain spaces and parentheses
-            table[int(entry.name)] = (int(fields[1]), int(fields[2]), int(fields[3]), fields[0])
-        return table
-    out = subprocess.run(["ps", "-A", "-o", "pid=,ppid=,pgid=,stat="], capture_output=True, text=True).stdout
-    for line in out.splitlines():
-        pid, ppid, pgid, stat = line.split()[:4]
-        table[int(pid)] = (int(ppid), int(pgid), 0, stat[:1])  # no session ids from portable ps
-    return table
-
-
-def _owned(root: int, known: set[int], table: Mapping[int, tuple[int, int, int, str]]) -> set[int]:
-    """`root`, its descendants, and everything in a process group or session one of them created.
-
-    Walking parent links alone is not enough: flower-superlink starts flower-superexec in a new session and Ray's
-    daemons are re-parented to init once flwr-simulation dies, but they keep the session/group id, which is the
-    pid of the member that created it.
-    """
-    me = os.getpid()
-    owned = set(known) | {root}
-    changed = True
-    while changed:
-        changed = False
-        for pid, (ppid, pgid, sid, _) in table.items():
-            if pid in owned or pid == me:
-                continue
-            if ppid in owned or pgid in owned or sid in owned:
-                owned.add(pid)
-                changed = True
-    return owned
-
-
-def _alive(pids: set[int], table: Mapping[int, tuple[int, int, int, str]]) -> set[int]:
-    return {p for p in pids if p in table and table[p][3] not in ("Z", "X")}  # zombies are already dead
-
-
-def process_tree(pid: int) -> set[int]:
-    """Live pids of `pid`'s tree (see `_owned`), for checks such as "nothing is left"."""
-    table = _process_table()
-    return _alive(_owned(pid, set(), table), table)
-
-
-def describe(pids: set[int]) -> str:
-    """'pid: command line' per process, for error messages."""
-    lines = []
-    for pid in sorted(pids):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:
-            cmd = "?"
-        lines.append(f"  {pid}: {cmd[:160]}")
-    return "\n".join(lines)
-
-
-def _signal(pids: set[int], sig: signal.Signals) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-def stop_process_tree(proc: subprocess.Popen, timeout: float = 10) -> None:
-    """Stop `proc` and every process it started: SIGTERM, up to `timeout` s, then SIGKILL.
-
-    Only processes found from `proc.pid` are signalled (never by name). Works best when `proc` was started with
-    `start_new_session=True`, so that its session id marks its descendants even after they are orphaned.
-    """
-    known: set[int] = set()
-
-    def scan() -> set[int]:
-        proc.poll()  # reap our direct child, so it does not linger as a zombie
-        table = _process_table()
-        known.update(_owned(proc.pid, known, table))
-        return _alive(known, table)
-
-    signalled: set[int] = set()
-    alive = scan()
-    deadline = time.monotonic() + timeout
-    while alive and time.monotonic() < deadline:
-        _signal(alive - signalled, signal.SIGTERM)  # new members (spawned during shutdown) get theirs too
-        signalled |= alive
-        time.sleep(0.1)
-        alive = scan()
-    deadline = time.monotonic() + 5.0
-    while alive and time.monotonic() < deadline:
-        _signal(alive, signal.SIGKILL)
-        time.sleep(0.1)
-        alive = scan()
-    try:
-        proc.wait(timeout=1.0)
-    except subprocess.TimeoutExpired:
-        pass
-    if alive:  # only processes stuck in the kernel survive SIGKILL; say so rather than raise from a cleanup path
-        print(f"warning: processes of {proc.args!r} survived SIGKILL:\n{describe(alive)}", file=sys.stderr)
-
-
-class SignalGuard:
-    """SIGTERM/SIGINT become exceptions while working (so `finally` runs), and wait while cleaning up."""
-
-    def __init__(self) -> None:
-        self._active = threading.current_thread() is threading.main_thread()  # signal() only works there
-        self._old: dict[int, Any] = {}
-        self._deferring = False
-        self._pending: int | None = None
-
-    def _handler(self, signum: int, frame: object) -> None:
-        if self._deferring:
-            self._pending = signum
-            return
-        if signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        raise SystemExit(128 + signum)
-
-    def __enter__(self) -> "SignalGuard":
-        if self._active:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handler)
-        return self
-
-    def defer(self) -> None:
-        self._deferring = True
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        if exc_type is None and self._pending is not None:  # interrupted during cleanup: still honour it
-            if self._pending == signal.SIGINT:
-                raise KeyboardInterrupt
-            raise SystemExit(128 + self._pending)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -341,16 +192,14 @@ def run_status(run_id: int, connection: str, env: Mapping[str, str], project_dir
     return str(runs[0].get("status", "unknown")), str(runs[0].get("status-details", ""))
 
 
-def flwr_run(project_dir: Path, connection: str, env: Mapping[str, str], run_config: Path | None,
+def flwr_run(project_dir: Path, connection: str, env: Mapping[str, str], run_config: list[str],
              federation_config: str | None = None, stream: bool = True, log_path: Path | None = None) -> int:
     """`flwr run <project> <connection> --stream`; return 0 only if the run itself finished as completed.
 
-    `flwr run --stream` exits 0 once the log stream ends, whether the ServerApp completed or raised, so the run's
+    `run_config`: `--run-config` arguments (`run_config_args`). `flwr run --stream` exits 0 once the log stream ends, whether the ServerApp completed or raised, so the run's
     final status is read with `flwr ls` as well. Output goes to our stdout (if `stream`) and to `log_path`.
     """
-    command = [bin_path("flwr"), "run", str(project_dir), connection]
-    if run_config is not None:
-        command += ["--run-config", str(run_config)]
+    command = [bin_path("flwr"), "run", str(project_dir), connection, *run_config]
     if federation_config:
         command += ["--federation-config", federation_config]
     command.append("--stream")
@@ -397,19 +246,8 @@ def flwr_run(project_dir: Path, connection: str, env: Mapping[str, str], run_con
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested tables -> dotted keys, as flwr's flatten_dict does for run configs."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, key))
-        else:
-            out[key] = v
-    return out
-
-
-def _toml_value(v: object) -> str:
+def _toml_value(key: str, v: object) -> str:
+    """One value as `flwr run --run-config "k=v ..."` parses it (a TOML value; strings quoted)."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, int):
@@ -417,14 +255,18 @@ def _toml_value(v: object) -> str:
     if isinstance(v, float):
         return repr(v) if math.isfinite(v) else ("nan" if math.isnan(v) else ("inf" if v > 0 else "-inf"))
     if isinstance(v, str):
-        return json.dumps(v)  # a JSON string is a valid TOML basic string
-    raise TypeError(f"run-config values must be bool, int, float or str, not {type(v).__name__}: {v!r}")
+        if '"' not in v and "\\" not in v:
+            return f'"{v}"'
+        if "'" not in v:
+            return f"'{v}'"  # a TOML literal string: backslashes and double quotes as they are
+        raise ValueError(f"run-config {key} = {v!r}: a value cannot hold both ' and \" (flwr's --run-config)")
+    raise TypeError(f"run-config values must be bool, int, float or str, not {type(v).__name__}: {key} = {v!r}")
 
 
 def app_config_defaults(project_dir: Path = PROJECT_DIR) -> dict[str, Any]:
     """The flat [tool.flwr.app.config] of the project's pyproject.toml."""
     with open(Path(project_dir) / "pyproject.toml", "rb") as f:
-        return _flatten(tomllib.load(f).get("tool", {}).get("flwr", {}).get("app", {}).get("config", {}))
+        return flatten_dict(tomllib.load(f).get("tool", {}).get("flwr", {}).get("app", {}).get("config", {}))
 
 
 def resolve_config(config: str | Path | None, project_dir: Path = PROJECT_DIR) -> Path | None:
@@ -440,56 +282,45 @@ def resolve_config(config: str | Path | None, project_dir: Path = PROJECT_DIR) -
                             + ", ".join(str(c) for c in dict.fromkeys(candidates)) + ")")
 
 
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return flatten_dict(tomllib.load(f))
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"run config {path}: not valid TOML: {err}") from None
+
+
 def run_config_values(config: str | Path | None, overrides: Mapping[str, object] | None = None,
                       project_dir: Path = PROJECT_DIR) -> dict[str, Any]:
     """The run config Flower will hand the app: pyproject defaults, then the file, then the overrides."""
     values = app_config_defaults(project_dir)
     path = resolve_config(config, project_dir)
     if path is not None:
-        with open(path, "rb") as f:
-            values.update(_flatten(tomllib.load(f)))
+        values.update(_read_toml(path))
     values.update(overrides or {})
     return values
 
 
-def merged_run_config(config: Path | None, overrides: Mapping[str, object] | None, project_dir: Path,
-                      out_dir: Path) -> tuple[Path | None, bool]:
-    """(TOML path for `--run-config`, whether we wrote it). Keys are checked against the app's defaults here,
-    before any process starts: Flower would only reject an unknown key inside the simulation."""
-    values: dict[str, Any] = {}
-    if config is not None:
-        with open(config, "rb") as f:
-            values.update(_flatten(tomllib.load(f)))
+def run_config_args(config: Path | None, overrides: Mapping[str, object] | None,
+                    project_dir: Path = PROJECT_DIR) -> list[str]:
+    """The `--run-config` arguments of `flwr run`: a TOML path as it is, or (flwr takes a file or "k=v" pairs,
+    never both) the file's keys and the overrides as one "k=v ..." string. Keys are checked against the app's
+    defaults here, before any process starts: Flower would only reject an unknown key inside the simulation."""
+    values = _read_toml(config) if config is not None else {}
     values.update(overrides or {})
     valid = app_config_defaults(project_dir)
     unknown = sorted(set(values) - set(valid))
     if unknown:
         raise ValueError(f"unknown run-config key(s) {unknown} (from {config or 'overrides'}); "
                          f"valid keys ([tool.flwr.app.config]): {', '.join(sorted(valid))}")
-    if not overrides and (config is None or config.suffix == ".toml"):
-        return config, False  # flwr reads a *.toml path itself
-    # flwr takes either one TOML path or "k=v" strings, never both: write the merged result to one file.
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix="run-config-", suffix=".toml", dir=out_dir)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(f"# merged by fedfar.launch: {config or '(no file)'} + overrides\n")
-        for key, value in values.items():
-            f.write(f"{json.dumps(key)} = {_toml_value(value)}\n")
-    return Path(name), True
+    if not overrides:
+        return ["--run-config", str(config)] if config is not None else []
+    return ["--run-config", " ".join(f"{k}={_toml_value(k, v)}" for k, v in values.items())]
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------------------------
-
-
-@contextmanager
-def _owned_file(path: Path | None, owned: bool) -> Iterator[Path | None]:
-    try:
-        yield path
-    finally:
-        if owned and path is not None:
-            path.unlink(missing_ok=True)
 
 
 def run_simulation(config: str | Path | None, num_supernodes: int, cpus_per_client: float = 1.0,
@@ -513,18 +344,17 @@ def run_simulation(config: str | Path | None, num_supernodes: int, cpus_per_clie
                          f"(client-resources-num-cpus is an integer), got {cpus_per_client}")
     if gpus_per_client < 0:
         raise ValueError(f"gpus_per_client must be >= 0, got {gpus_per_client}")
+    run_config = run_config_args(config_path, overrides, project_dir)
     env = flower_env(project_dir)
-    flwr_home = Path(env["FLWR_HOME"])
-    run_toml, owned = merged_run_config(config_path, overrides, project_dir, flwr_home / "run-configs")
     federation = f"num-supernodes={int(num_supernodes)} client-resources-num-cpus={int(cpus_per_client)}"
     if gpus_per_client:
         federation += f" client-resources-num-gpus={float(gpus_per_client)}"
-    with _owned_file(run_toml, owned), SignalGuard() as guard:
+    with SignalGuard() as guard:
         superlink = None
         try:
             superlink = start_local_superlink(project_dir, env)
-            return flwr_run(project_dir, "local", env, run_toml, federation, stream=stream,
-                            log_path=flwr_home / "local-superlink" / "flwr-run.log")
+            return flwr_run(project_dir, "local", env, run_config, federation, stream=stream,
+                            log_path=Path(env["FLWR_HOME"]) / "local-superlink" / "flwr-run.log")
         finally:
             guard.defer()
             if superlink is not None:

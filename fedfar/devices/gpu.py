@@ -1,7 +1,7 @@
-"""Where local training runs, and a device's memory budget enforced for real on a CUDA GPU (issue 4, item 3).
+"""Where local training runs, and a device's memory budget enforced for real on a CUDA GPU.
 
 On the CPU (the default, and all this project's own machine has) a budget is enforced by the accounting in
-fedfar.budget: a device over budget adapts or refuses before it trains. On a CUDA GPU the same plan runs first,
+fedfar.devices.budget: a device over budget adapts or refuses before it trains. On a CUDA GPU the same plan runs first,
 and then the caching allocator of the training process is capped at the device's budget
 (`torch.cuda.set_per_process_memory_fraction`): an allocation past it raises `torch.OutOfMemoryError` exactly as
 on a device with that much memory, and the client reports it like a planned out-of-memory, with the allocator's

@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .arch import blocks, get_attr, layout_of, set_attr
+from ..arch import blocks, get_attr, layout_of, set_attr
 from .layer import SplitFFN
-from .policy import Policy, apply_policy
+from ..base import Policy, apply_policy
 
 
 def _ffn(block: nn.Module, model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -147,6 +147,6 @@ def learner_indices(model: nn.Module) -> list[torch.Tensor]:
     for block in blocks(model):
         split = get_attr(block, layout.fc1)
         if not isinstance(split, SplitFFN):
-            raise ValueError("model is not reconfigured: call fedfar.far.reconfigure first")
+            raise ValueError("model is not reconfigured: call fedfar.methods.far.reconfigure first")
         out.append(split.learner_index.clone())
     return out

@@ -66,7 +66,7 @@ def layout_of(model: nn.Module) -> Layout:
         raise ValueError(
             f"FAR does not know where model type {model_type!r} keeps its FFN blocks. "
             f"Supported families: {', '.join(sorted(ARCHITECTURES))}. "
-            "Add a Layout for it to fedfar.far.arch.ARCHITECTURES."
+            "Add a Layout for it to fedfar.methods.arch.ARCHITECTURES."
         )
     return ARCHITECTURES[model_type]
 

@@ -1,5 +1,8 @@
 """What crosses the wire between server and devices, and how the server merges it into the global model.
 
+Which tensors travel is the method's answer (`Method.exchange_plan`, fedfar.methods); this module cuts them out
+of a state dict, writes them back, and merges client deltas.
+
 Both sides keep the model in the stock layout (plain `state_dict` names). A *part* is a flat dict of tensors:
 
   <stock name>          a whole tensor that trains under the method (attention, LayerNorm, head, FFN b2, ...)
@@ -14,52 +17,9 @@ masks (each client its own) go through the same arithmetic, and rows nobody sent
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-from torch import nn
 
-from .far import MethodSpec, apply_bitfit, apply_policy, blocks, get_policy, layout_of
-from .far.arch import get_attr
-
-
-@dataclass(frozen=True)
-class ExchangePlan:
-    """The tensors a method trains, by stock name: `dense` travel whole, `ffn` blocks by rows."""
-
-    dense: tuple[str, ...]
-    ffn: tuple[tuple[str, str | None, str], ...]  # per block: (fc1.weight, fc1.bias or None, fc2.weight)
-
-    @property
-    def sliced(self) -> bool:
-        return bool(self.ffn)
-
-
-def plan_for(model: nn.Module, spec: MethodSpec) -> ExchangePlan:
-    """Which stock tensors train under `spec` (the model's requires_grad flags are restored afterwards)."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    ffn: list[tuple[str, str | None, str]] = []
-    try:
-        if spec.method == "bitfit":
-            apply_bitfit(model)
-        elif spec.reconfigures:
-            layout = layout_of(model)
-            apply_policy(model, get_policy(spec.policy))
-            for block in blocks(model):
-                fc1, fc2 = get_attr(block, layout.fc1), get_attr(block, layout.fc2)
-                ffn.append((names[id(fc1.weight)], names[id(fc1.bias)] if fc1.bias is not None else None,
-                            names[id(fc2.weight)]))
-        else:
-            for p in model.parameters():
-                p.requires_grad_(True)
-            apply_policy(model, get_policy(spec.policy))
-        sliced = {n for entry in ffn for n in entry if n}
-        dense = tuple(n for n, p in model.named_parameters() if p.requires_grad and n not in sliced)
-    finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags[n])
-    return ExchangePlan(dense, tuple(ffn))
+from ..methods import ExchangePlan
 
 
 def select(state: dict[str, torch.Tensor], plan: ExchangePlan, rows: list[torch.Tensor] | None) -> dict[str, torch.Tensor]:

@@ -9,11 +9,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from .data import PARTITION_SCHEMES, get_task, resolve_source
-from .budget import PLAN_POLICIES
-from .deltas import CODECS
-from .far import PREACT_STORAGE, MethodSpec
-from .gpu import DEVICES
+from ..data import PARTITION_SCHEMES, get_task, resolve_source
+from ..devices.budget import PLAN_POLICIES
+from ..devices.gpu import DEVICES
+from ..methods import PREACT_STORAGE, Method, parse_method
+from .codecs import CODECS
 
 MASK_MODES = ("global", "local")
 
@@ -23,7 +23,7 @@ class RunConfig:
     task: str = "cola"
     model: str = "minilm"
     data: str = ""                 # "" = local GLUE folder (../shared/data/glue or $FEDFAR_GLUE_DIR), "hub", or a path
-    method: str = "far10-emb"      # full | bitfit | far<pct>[-emb|-attn] | random<pct>[-emb|-attn]
+    method: str = "far10-emb"      # see fedfar.methods.METHOD_HELP
     mask_mode: str = "global"      # global: server picks learners from aggregated scores; local: each client
     codec: str = "float32"         # uplink delta encoding: float32 | float16 | bfloat16 | int8
     num_rounds: int = 3
@@ -47,12 +47,12 @@ class RunConfig:
     results_dir: str = "results/runs"
     run_name: str = ""
     save_model: bool = True        # the final global model as an ordinary save_pretrained folder
-    # Simulated devices (fedfar.edge, DESIGN §3). fleet = "" simulates none: no budgets, no simulated clock.
+    # Simulated devices (fedfar.devices, DESIGN §3). fleet = "" simulates none: no budgets, no simulated clock.
     fleet: str = ""                # fleet TOML (configs/fleets/*.toml): one device profile per partition
     device_catalog: str = ""       # extra device catalog on top of configs/devices.toml (same names replace)
     oom_policy: str = "adapt"      # over budget: adapt (micro-batch, retention, recompute) or fail like a device
     deadline_s: float = 0.0        # simulated round deadline; slower clients are dropped; 0 = none
-    device: str = "cpu"            # where clients train: cpu, or cuda (budgets then also capped for real, fedfar.gpu)
+    device: str = "cpu"            # where clients train: cpu, or cuda (budgets also capped for real: fedfar.devices.gpu)
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> "RunConfig":
@@ -77,7 +77,7 @@ class RunConfig:
 
     def validate(self) -> None:
         get_task(self.task)
-        MethodSpec.parse(self.method)
+        parse_method(self.method)
         checks = [
             (self.mask_mode in MASK_MODES, f"mask-mode {self.mask_mode!r}: choose {' or '.join(MASK_MODES)}"),
             (self.codec in CODECS, f"codec {self.codec!r}: choose one of {', '.join(CODECS)}"),
@@ -107,8 +107,9 @@ class RunConfig:
                                     "<dir>/<Task>/train.tsv); use '' for the local default or 'hub'")
 
     @property
-    def spec(self) -> MethodSpec:
-        return MethodSpec.parse(self.method)
+    def spec(self) -> Method:
+        """The fine-tuning method (fedfar.methods) that `method` names."""
+        return parse_method(self.method)
 
     @property
     def data_source(self) -> str | Path:
@@ -117,7 +118,7 @@ class RunConfig:
     @property
     def label(self) -> str:
         spec = self.spec
-        extra = f"-{self.mask_mode}" if spec.method == "far" else ""
+        extra = f"-{self.mask_mode}" if spec.primes else ""
         return f"{spec.label}{extra}-{self.codec}"
 
     def as_dict(self) -> dict[str, Any]:

@@ -164,7 +164,7 @@ class SplitFFN(nn.Module):
         w1, w2 = fc1.weight.detach(), fc2.weight.detach()
         b1 = fc1.bias.detach() if fc1.bias is not None else w1.new_zeros(d_ff)
 
-        # Index buffers live with the weights (a model reconfigured on a GPU mid-training, fedfar.gpu).
+        # Index buffers live with the weights (a model reconfigured on a GPU mid-training, fedfar.devices.gpu).
         self.register_buffer("learner_index", learners.to(w1.device))
         self.register_buffer("frozen_index", frozen.to(w1.device))
         # One storage per weight, learner nodes first: the branches are slices of it (see _SplitFFNFunction).

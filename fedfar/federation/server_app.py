@@ -7,21 +7,20 @@ from pathlib import Path
 
 from logging import INFO
 
-import datasets
 from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from ..data import get_task, load_glue, partition_summary, tokenize
+from ..devices.device import check_fleet
+from ..models import load_model, load_tokenizer, quiet_libraries
+from .client import evaluate
 from .config import RunConfig
-from .data import get_task, load_glue, partition_summary, tokenize
-from .local import evaluate
-from .models import load_model, load_tokenizer
-from .edge import check_fleet
 from .results import RunFolder, device_summary
 from .strategy import FedFar
 
 app = ServerApp()
-datasets.disable_progress_bars()  # per-map bars from every process bury the round log
+quiet_libraries()  # per-map and per-file bars from every process bury the round log
 
 
 @app.main()

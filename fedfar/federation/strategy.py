@@ -2,7 +2,7 @@
 ledger and (with simulated devices) availability, out-of-memory replies and the simulated clock.
 
 The strategy owns the global model (a stock-layout state dict) and merges client deltas *into* it
-(`fedfar.exchange.merge_deltas`); it never replaces the global arrays with a partial aggregate, which is what
+(`fedfar.federation.exchange.merge_deltas`); it never replaces the global arrays with a partial aggregate, which is what
 stock Flower strategies would do with replies that carry only some tensors. The same class runs the baselines:
 FedAvg with full fine-tuning and full-model exchange is the plan with every tensor dense.
 """
@@ -19,22 +19,25 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from ..devices.clock import available, clock_round
+from ..devices.device import profile_from_record
+from ..devices.profiles import DeviceProfile
+from ..methods.far import ffn_sizes, select_learners
 from . import exchange
+from .codecs import decode, encode, payload_nbytes, serialized_nbytes
 from .config import RunConfig
-from .deltas import decode, encode, payload_nbytes, serialized_nbytes
-from .devices import DeviceProfile, available, clock_round
-from .edge import profile_from_record
-from .far import ffn_sizes, random_learners, select_learners
 from .results import RunFolder
 
 
 class FedFar(Strategy):
+    POLL_S = 1.0  # how often replies are pulled (Flower's send_and_receive sleeps 3 s)
+
     def __init__(self, cfg: RunConfig, model: torch.nn.Module, folder: RunFolder,
                  evaluate_fn: Callable[[], dict[str, float]]) -> None:
         self.cfg, self.spec = cfg, cfg.spec
         self.model = model
         self.state = model.state_dict()  # live tensors: merging into it updates the model the server evaluates
-        self.plan = exchange.plan_for(model, self.spec)
+        self.plan = self.spec.exchange_plan(model)
         self.folder = folder
         self.evaluate_fn = evaluate_fn
         self.rng = random.Random(cfg.seed)
@@ -81,10 +84,26 @@ class FedFar(Strategy):
         """The trainable part of the global model (devices hold the pretrained rest), float32."""
         return encode(exchange.select(self.state, self.plan, self.rows), "float32")
 
-    @staticmethod
-    def _send(grid: Grid, messages: list[Message]) -> list[tuple[Message, Message | None]]:
-        """Send and wait; pair each message with its reply (None if lost). One message per node."""
-        replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(messages)} if messages else {}
+    def _send(self, grid: Grid, messages: list[Message], what: str = "") -> list[tuple[Message, Message | None]]:
+        """Send and wait; pair each message with its reply (None if lost). One message per node.
+
+        Replies are pulled as they come (Grid.send_and_receive does the same, silently), so the log can show how
+        many of the selected clients are done and about how long the rest will take."""
+        if not messages:
+            return []
+        pending = set(grid.push_messages(messages))
+        total, replies, start, shown = len(pending), {}, time.perf_counter(), 0
+        while pending:
+            for reply in grid.pull_messages(pending):
+                pending.discard(reply.metadata.reply_to_message_id)
+                replies[reply.metadata.src_node_id] = reply
+            if what and shown != len(replies) and pending:
+                shown = len(replies)
+                elapsed = time.perf_counter() - start
+                log(INFO, "  %s: %d/%d clients done, %.0f s, about %.0f s left", what, shown, total, elapsed,
+                    elapsed / shown * (total - shown))
+            if pending:
+                time.sleep(self.POLL_S)
         return [(m, replies.get(m.metadata.dst_node_id)) for m in messages]
 
     # ----------------------------------------------------------------------------------------- devices
@@ -111,7 +130,7 @@ class FedFar(Strategy):
             log(INFO, "devices: %s", ", ".join(f"{n} x{c}" for n, c in sorted(counts.items())))
 
     def clock(self, entries: list[dict]) -> float:
-        """Advance the simulated clock by one round (fedfar.devices.clock_round); stragglers become "late"."""
+        """Advance the simulated clock by one round (fedfar.devices.clock.clock_round); stragglers become "late"."""
         duration = clock_round(entries, self.profiles, self.deadline)
         self.sim_time += duration
         return duration
@@ -121,13 +140,13 @@ class FedFar(Strategy):
         """Round 0 of global mask mode: clients send node scores; the server picks one mask for everyone."""
         if not self.plan.sliced or self.cfg.mask_mode != "global":
             return
-        if self.spec.method == "random":
-            self.rows = random_learners(self.sizes, self.spec.retention, self.cfg.seed)
+        if not self.spec.primes:  # random selection: the server draws the mask from the run's seed
+            self.rows = self.spec.initial_learners(self.model, self.cfg.seed)
             return
         content = RecordDict({"config": ConfigRecord({"server-round": 0})})
         messages = self._messages(self._available(self._nodes(grid)), content, "train.prime")
         scores, total, rows, answered = [torch.zeros(d, dtype=torch.float64) for d in self.sizes], 0.0, [], []
-        pairs = self._send(grid, messages)
+        pairs = self._send(grid, messages, "priming")
         for msg_out, reply in pairs:
             rows.append(self._ledger_entry(0, "prime", msg_out, reply))
         self.clock(rows)
@@ -235,10 +254,11 @@ class FedFar(Strategy):
                         **({"sim_time_s": self.sim_time} if self.profiles else {})})
         self.folder.append_round(history[-1])
         mb_up = mb_down = 0.0
+        t_rounds = time.perf_counter()
         for rnd in range(1, self.cfg.num_rounds + 1):
             messages = list(self.configure_train(rnd, ArrayRecord(), ConfigRecord(), grid))
             t_send = time.perf_counter()
-            pairs = self._send(grid, messages)
+            pairs = self._send(grid, messages, f"round {rnd}/{self.cfg.num_rounds}")
             wait = time.perf_counter() - t_send
             entries = [self._ledger_entry(rnd, "train", m, r) for m, r in pairs]
             sim_round = self.clock(entries) if self.profiles else None
@@ -272,9 +292,10 @@ class FedFar(Strategy):
             self.folder.append_round(row)
             sim = (f" | simulated round {sim_round:.0f} s, total {self.sim_time / 60:.1f} min"
                    if sim_round is not None else "")
-            log(INFO, "[round %d/%d] %d/%d clients ok | %s | up %.2f MB, down %.2f MB (cumulative %.2f / %.2f) | %.0f s%s",
-                rnd, self.cfg.num_rounds, ok, len(entries),
-                ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), up, down, mb_up, mb_down, wait, sim)
+            left = (time.perf_counter() - t_rounds) / rnd * (self.cfg.num_rounds - rnd)
+            log(INFO, "[round %d/%d] %d/%d clients ok | %s | up %.2f MB, down %.2f MB (cumulative %.2f / %.2f) | "
+                "%.0f s%s | about %.1f min left", rnd, self.cfg.num_rounds, ok, len(entries),
+                ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), up, down, mb_up, mb_down, wait, sim, left / 60)
         return {"history": history, "wall_s": time.perf_counter() - t_run, "busy_s": union_seconds(self.busy),
                 "devices": bool(self.profiles)}
 

@@ -1,28 +1,27 @@
 """Does a device's training fit its memory budget, how to adapt when it does not, and what a step costs in FLOPs.
 
-DESIGN §3: before training, a client compares its peak training memory (fedfar.memory: weights + gradients +
+DESIGN §3: before training, a client compares its peak training memory (fedfar.devices.memory: weights + gradients +
 optimizer state + saved tensors, measured on a real forward of the real shape) with its budget. Over budget it
 either adapts or fails the way a device would; it never crashes the run. Every candidate configuration is
 accounted for real on a fresh model: no extrapolation from one shape to another.
 
-The FLOP count feeds the simulated clock (fedfar.devices.round_time): FLOPs of the local steps / device FLOP/s.
+What a step costs in FLOPs is in fedfar.devices.flops.
 """
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 import weakref
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from .bench import prepare, random_batch
-from .far import PREACT_STORAGE, MethodSpec
+from ..methods import PREACT_STORAGE, Method, NodeSelection, parse_method
+from ..methods.far import ffn_sizes, random_learners
+from ..models import random_batch
 from .memory import MemoryReport, account
 
 MIB = 2**20
@@ -56,19 +55,27 @@ class TrainingShape:
     def for_method(cls, method: str, batch_size: int, seq_len: int, micro_batch: int | None = None,
                    preact_storage: str = "bfloat16") -> "TrainingShape":
         """The unadapted shape of `method` ('far10-emb', 'full', ...): retention from the method for FAR/random."""
-        spec = MethodSpec.parse(method)
-        return cls(batch_size, seq_len, micro_batch or batch_size,
-                   spec.retention if spec.reconfigures else None, preact_storage)
+        return cls(batch_size, seq_len, micro_batch or batch_size, parse_method(method).retention, preact_storage)
 
 
-def _spec(method: str, shape: TrainingShape) -> MethodSpec:
+def _method(method: str, shape: TrainingShape) -> Method:
     """The method at the shape's retention (FAR/random) with the method's own policy."""
-    spec = MethodSpec.parse(method)
-    if spec.reconfigures:
-        return spec if shape.retention is None else MethodSpec(spec.method, shape.retention, spec.policy)
+    m = parse_method(method)
+    if m.selects_rows:
+        return m if shape.retention is None else replace(m, retention=shape.retention)
     if shape.retention is not None:  # silently ignoring it would report memory for a configuration nobody asked for
         raise ValueError(f"method {method!r} has no retention; give retention=None, got {shape.retention}")
-    return spec
+    return m
+
+
+def prepare_for_accounting(model: nn.Module, method: Method, seed: int = 0,
+                           preact_storage: str = "bfloat16") -> None:
+    """Put `model` in `method`'s training configuration for measuring memory and time. Which nodes learn does not
+    change either, so node-selecting methods get learners drawn at random from `seed`: no priming."""
+    learners = None
+    if isinstance(method, NodeSelection):
+        learners = random_learners(ffn_sizes(model), method.retention, seed)
+    method.prepare(model, learners, seed=seed, preact_storage=preact_storage)
 
 
 def peak_bytes(model_factory: Callable[[], nn.Module], method: str, shape: TrainingShape,
@@ -79,7 +86,7 @@ def peak_bytes(model_factory: Callable[[], nn.Module], method: str, shape: Train
     micro-batching is the first adaptation, and why it cannot go below weights + gradients + optimizer state.
     """
     model = model_factory()
-    prepare(model, _spec(method, shape), seed, shape.preact_storage)
+    prepare_for_accounting(model, _method(method, shape), seed, shape.preact_storage)
     return account(model, random_batch(model, shape.micro_batch, shape.seq_len, seed))
 
 
@@ -126,8 +133,8 @@ def plan(model_factory: Callable[[], nn.Module], method: str, shape: TrainingSha
     if budget_bytes <= 0 or min_micro_batch < 1 or not 0.0 < min_retention <= 1.0:
         raise ValueError(f"need budget_bytes > 0, min_micro_batch >= 1 and min_retention in (0, 1], got "
                          f"{budget_bytes}, {min_micro_batch}, {min_retention}")
-    spec = _spec(method, shape)
-    if spec.reconfigures and shape.retention is None:  # the plan always says which retention it accounted
+    spec = _method(method, shape)
+    if spec.selects_rows and shape.retention is None:  # the plan always says which retention it accounted
         shape = replace(shape, retention=spec.retention)
 
     def candidate(s: TrainingShape) -> tuple[TrainingShape, MemoryReport, bool]:
@@ -145,7 +152,7 @@ def plan(model_factory: Callable[[], nn.Module], method: str, shape: TrainingSha
         steps.append(f"micro-batch {shape.micro_batch} -> {cur.micro_batch} "
                      f"({cur.accumulation_steps} accumulation steps)")
 
-    if spec.reconfigures:
+    if spec.selects_rows:
         start = cur.retention
         while not fits and cur.retention > min_retention:
             cur, report, fits = candidate(replace(cur, retention=max(cur.retention / 2, min_retention)))
@@ -163,7 +170,7 @@ class _LiveBytes(TorchDispatchMode):
 
     Each output storage is counted once (views and in-place results share it) and released when the last tensor
     seen on it dies. Storages that exist before (weights, inputs) are excluded. Transient buffers inside one
-    kernel are not seen, as in fedfar.memory.
+    kernel are not seen, as in fedfar.devices.memory.
     """
 
     def __init__(self, exclude: set[int]) -> None:
@@ -243,66 +250,3 @@ def check_floor(budget_bytes: int, device_name: str, floor: int, weights: int) -
         raise ValueError(
             f"device {device_name}: memory budget {_mib(budget_bytes)} MiB is below the {_mib(floor)} MiB the "
             f"model needs even for inference (weights {_mib(weights)} MiB); give it a larger budget or a smaller model")
-
-
-# ---------------------------------------------------------------------------------------------- FLOPs
-def _addmm_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
-    (m, k), (_, n) = a_shape, b_shape
-    return 2 * m * k * n
-
-
-def _baddbmm_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
-    (b, m, k), (_, _, n) = a_shape, b_shape
-    return 2 * b * m * k * n
-
-
-def _sdpa_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(q, k, v)
-
-
-def _sdpa_backward_flops(grad_out, q, k, v, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_backward_flop_count(grad_out, q, k, v)
-
-
-_aten = torch.ops.aten
-# Ops torch's FlopCounterMode (2.13) does not count although they are matmuls: the in-place addmm_ that SplitFFN
-# uses to add the frozen branch (forward) and its input gradient (backward), and the CPU flash attention that
-# transformers' "sdpa" attention dispatches to on CPU. Without these, FAR steps and all attention are undercounted.
-_EXTRA_FLOP_FORMULAS = {
-    _aten.addmm_: _addmm_flops,
-    _aten.baddbmm_: _baddbmm_flops,
-    _aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops,
-    _aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_backward_flops,
-}
-
-
-@contextmanager
-def count_flops() -> Iterator[FlopCounterMode]:
-    """Count the FLOPs of the real work done inside: matmul-like ops as torch's FlopCounterMode counts them, plus
-    the ones it misses (_EXTRA_FLOP_FORMULAS). Read `.get_total_flops()` afterwards."""
-    with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
-        yield counter
-
-
-def train_step_flops(model: nn.Module, batch: Mapping[str, Tensor]) -> int:
-    """FLOPs of one training forward + backward of `batch` on `model` as configured (its requires_grad flags,
-    SplitFFN branches), counted by torch's FlopCounterMode: matmul-like ops only (elementwise ops and the optimizer
-    step are not counted; they are a small share of a transformer step).
-
-    FlopCounterMode is a dispatch mode, so it sees the aten ops inside SplitFFN's hand-written backward like any
-    other: FAR's skipped weight gradients show as fewer FLOPs. Gradients go through torch.autograd.grad, so no
-    .grad is left on the model.
-    """
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    was_training = model.training
-    model.train()
-    try:
-        with count_flops() as counter:
-            out = model(**batch)
-            if getattr(out, "loss", None) is None:
-                raise ValueError("the batch has no labels: a training step needs a loss")
-            if trainable:
-                torch.autograd.grad(out.loss, trainable, allow_unused=True)
-    finally:
-        model.train(was_training)
-    return counter.get_total_flops()

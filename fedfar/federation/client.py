@@ -1,0 +1,316 @@
+"""One device's work in a round: prime and score, or fine-tune on a received part and return a delta.
+
+`Job` is what a ClientApp handler asks for: it opens this node's partition, model and device, runs the work on
+the device (fedfar.devices.device: plan, then run or refuse) and returns the reply's records.
+
+A worker process (a Ray actor in simulation, a SuperNode's ClientApp process in deployment) serves many rounds
+and, in simulation, many clients: the pretrained model and each tokenized partition are loaded once per
+worker and reused (`WorkerCache`), never once per round.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from ..data import compute_metrics, get_task, load_glue, load_partition, make_loader, tokenize
+from ..devices.budget import TrainingShape
+from ..devices.device import Device, DevicePlan, Outcome, client_profile, device_plan, profile_record
+from ..devices.flops import count_flops
+from ..devices.gpu import on_device, resolve_device
+from ..devices.profiles import DeviceProfile
+from ..methods import ExchangePlan, Method
+from ..methods.far import ffn_sizes, ffn_weights, node_scores, num_learners, select_learners
+from ..models import load_model, load_tokenizer
+from ..train import TrainConfig, predict, train
+from . import exchange
+from .codecs import decode, encode, reconstruction_error
+from .config import RunConfig
+
+
+@dataclass
+class WorkerCache:
+    models: dict = field(default_factory=dict)      # (model ref, num_labels, seed) -> (model, pristine state)
+    tokenizers: dict = field(default_factory=dict)
+    partitions: dict = field(default_factory=dict)  # (...) -> (train tokenized, eval tokenized | None)
+    profiles: dict = field(default_factory=dict)    # (fleet and catalog files, node) -> DeviceProfile | None
+    plans: dict = field(default_factory=dict)       # (device profile, run shape) -> DevicePlan
+
+    def model(self, cfg: RunConfig) -> torch.nn.Module:
+        """The pretrained model, reset to its pristine weights (a device holds the checkpoint)."""
+        task = get_task(cfg.task)
+        key = (cfg.model, task.num_labels, cfg.seed)
+        if key not in self.models:
+            model = load_model(cfg.model, task.num_labels, seed=cfg.seed)
+            self.models[key] = (model, {k: v.clone() for k, v in model.state_dict().items()})
+        model, pristine = self.models[key]
+        cfg.spec.merge(model)  # a previous client may have failed mid-round with the model still reconfigured
+        model.load_state_dict(pristine)
+        return model
+
+    def tokenizer(self, cfg: RunConfig):
+        if cfg.model not in self.tokenizers:
+            self.tokenizers[cfg.model] = load_tokenizer(cfg.model)
+        return self.tokenizers[cfg.model]
+
+    def partition(self, cfg: RunConfig, partition_id: int, num_partitions: int):
+        key = (cfg.task, str(cfg.data_source), cfg.model, cfg.max_length, partition_id, num_partitions,
+               cfg.max_train_examples, cfg.eval_share if cfg.federated_eval else 0.0,
+               tuple(sorted(cfg.partition_kwargs().items())))
+        if key not in self.partitions:
+            task = get_task(cfg.task)
+            ds = load_partition(load_glue(task, "train", cfg.data_source), partition_id, num_partitions,
+                                **cfg.partition_kwargs())
+            held_out = None
+            if cfg.federated_eval and cfg.eval_share > 0 and len(ds) >= 10:
+                split = ds.train_test_split(test_size=cfg.eval_share, seed=cfg.partition_seed)
+                ds, held_out = split["train"], split["test"]
+            if cfg.max_train_examples:
+                ds = ds.select(range(min(cfg.max_train_examples, len(ds))))
+            tok = self.tokenizer(cfg)
+            self.partitions[key] = (tokenize(ds, tok, task, cfg.max_length),
+                                    tokenize(held_out, tok, task, cfg.max_length) if held_out else None)
+        return self.partitions[key]
+
+    def profile(self, cfg: RunConfig, node_config: Mapping) -> DeviceProfile | None:
+        """This node's simulated device (None: devices off), read from the fleet and catalog once per worker."""
+        key = (cfg.fleet, cfg.device_catalog, cfg.partition_seed, tuple(sorted(node_config.items())))
+        if key not in self.profiles:
+            self.profiles[key] = client_profile(cfg, node_config)
+        return self.profiles[key]
+
+    def device_plan(self, cfg: RunConfig, node_config: Mapping) -> DevicePlan | None:
+        """The node's device budget plan (None: devices off), accounted once per worker: it depends on the
+        shape, not on the data."""
+        profile = self.profile(cfg, node_config)
+        if profile is None:
+            return None
+        key = (profile, cfg.model, cfg.method, cfg.mask_mode, cfg.batch_size, cfg.max_length, cfg.preact_storage,
+               cfg.oom_policy, cfg.seed)
+        if key not in self.plans:
+            self.plans[key] = device_plan(cfg, self.model(cfg), profile)
+        return self.plans[key]
+
+
+CACHE = WorkerCache()
+
+
+def train_config(cfg: RunConfig, seed: int, shape: TrainingShape | None = None) -> TrainConfig:
+    """The local optimiser settings; with a device plan's shape, its micro-batch and pre-activation storage."""
+    micro = shape.micro_batch if shape and shape.micro_batch < shape.batch_size else 0
+    return TrainConfig(lr=cfg.lr, seed=seed, priming_share=cfg.priming_share, micro_batch=micro,
+                       preact_storage=shape.preact_storage if shape else cfg.preact_storage)
+
+
+def priming_steps(cfg: RunConfig, steps_per_round: int) -> int:
+    """Priming length: `priming_share` of the client's local steps over the whole run, at least one."""
+    return max(1, round(cfg.priming_share * steps_per_round * cfg.num_rounds))
+
+
+def prime_scores(model: torch.nn.Module, loader, steps: int, cfg: RunConfig, seed: int,
+                 shape: TrainingShape | None = None, budget_bytes: int | None = None) -> list[torch.Tensor]:
+    """Prime for `steps` steps and return each FFN node's L1 weight movement. The model is restored.
+
+    `budget_bytes`: on a CUDA `device`, the real cap on the training process's GPU memory (fedfar.devices.gpu)."""
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    before = ffn_weights(model)
+    # All FFN nodes train; outside the FFN, the policy holds (frozen embeddings stay frozen while priming too).
+    with on_device(model, resolve_device(cfg.device), budget_bytes):
+        train(model, loader, cfg.spec.priming_method(), steps / len(loader), train_config(cfg, seed, shape))
+    scores = node_scores(before, ffn_weights(model))
+    model.load_state_dict(saved)
+    return scores
+
+
+def subset_rows(rows: list[torch.Tensor], retention: float, sizes: list[int], seed: int) -> list[torch.Tensor]:
+    """A device that had to lower its retention trains a seeded random subset of the server's learners."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for r, d in zip(rows, sizes):
+        k = min(len(r), num_learners(d, retention))
+        out.append(r[torch.randperm(len(r), generator=gen)[:k]].sort().values)
+    return out
+
+
+def local_update(
+    model: torch.nn.Module,
+    part_down: dict[str, torch.Tensor],
+    plan: ExchangePlan,
+    rows: list[torch.Tensor] | None,
+    loader,
+    cfg: RunConfig,
+    seed: int,
+    method: Method | None = None,
+    shape: TrainingShape | None = None,
+    count: bool = False,
+    budget_bytes: int | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Load the received part into the pristine model, fine-tune, and return (delta part, metrics).
+
+    `method` / `shape`: the method and the budget shape a device plan chose (default: the run's own). `count`:
+    count the FLOPs of the training actually done (for the simulated clock). `budget_bytes`: on a CUDA
+    `device`, the real cap on GPU memory while training (fedfar.devices.gpu; raises BudgetExceeded past it).
+    """
+    method = method or cfg.spec
+    state = model.state_dict()
+    exchange.write(state, part_down, plan)
+    before = exchange.select(state, plan, rows)
+    t0 = time.perf_counter()
+    with count_flops() if count else nullcontext() as counter, \
+            on_device(model, resolve_device(cfg.device), budget_bytes) as usage:
+        result = train(model, loader, method, cfg.local_epochs, train_config(cfg, seed, shape), learners=rows)
+    train_time = time.perf_counter() - t0
+    method.merge(model)
+    after = exchange.select(model.state_dict(), plan, rows)
+    delta = {k: (after[k] - before[k]) if not k.endswith(".rows") else after[k] for k in after}
+    losses = result["losses"]
+    metrics = {"train-loss": float(sum(losses) / len(losses)), "train-time-s": train_time, "steps": result["steps"],
+               **usage.figures()}
+    if counter is not None:
+        metrics["train-flops"] = float(counter.get_total_flops())
+    return delta, metrics
+
+
+def evaluate(model, ds_tok, tokenizer, task, batch_size: int = 128) -> dict[str, float]:
+    logits, labels = predict(model, make_loader(ds_tok, tokenizer, batch_size, shuffle=False))
+    return compute_metrics(task, logits, labels)
+
+
+
+# ------------------------------------------------------------------------------------------ one message
+def _records(metrics: dict, device: dict | None = None, **arrays: ArrayRecord) -> RecordDict:
+    content: dict = {**arrays, "metrics": MetricRecord(metrics)}
+    if device is not None:
+        content["device"] = ConfigRecord(device)
+    return RecordDict(content)
+
+
+def register_reply(run_config: Mapping, node_config: Mapping) -> RecordDict:
+    """Start of a run: which partition and which simulated device this node is (none if devices are off)."""
+    profile = CACHE.profile(RunConfig.from_flower(run_config), node_config)
+    return _records({"partition-id": int(node_config["partition-id"])},
+                    profile_record(profile) if profile else {})
+
+
+@dataclass
+class Job:
+    """What one message asks of a node: the run config, its partition, the pristine model, a seeded loader, and
+    the device it runs on."""
+
+    cfg: RunConfig
+    partition_id: int
+    seed: int
+    model: torch.nn.Module
+    loader: object
+    held_out: object
+    device: Device
+
+    @classmethod
+    def open(cls, run_config: Mapping, node_config: Mapping, server_round: int) -> "Job":
+        cfg = RunConfig.from_flower(run_config)
+        pid, num = int(node_config["partition-id"]), int(node_config["num-partitions"])
+        seed = cfg.seed + 7919 * pid + server_round
+        model = CACHE.model(cfg)
+        train_ds, held_out = CACHE.partition(cfg, pid, num)
+        device = Device.for_run(cfg, CACHE.device_plan(cfg, node_config))
+        loader = make_loader(train_ds, CACHE.tokenizer(cfg), cfg.batch_size, shuffle=True, seed=seed)
+        # Seed last. Dropout draws from the global generator, and so do a worker's first-round chores (loading the
+        # model reseeds it and initialises the head; the budget plan runs a real step): seeding before them gave
+        # the first client each worker served other masks than a warm worker would, so runs differed with
+        # scheduling.
+        torch.manual_seed(seed)
+        return cls(cfg, pid, seed, model, loader, held_out, device)
+
+    def _refusal(self, outcome: Outcome) -> RecordDict:
+        """What a device that cannot fit the work sends instead of an update: its figures, no weights."""
+        return _records({"num-examples": 0, "partition-id": self.partition_id},
+                        {**outcome.figures, "status": outcome.status})
+
+    def _prime(self, shape: TrainingShape | None, budget: int | None) -> tuple[list[torch.Tensor], float]:
+        """Priming's node scores and the FLOPs it took."""
+        with count_flops() as counter:
+            scores = prime_scores(self.model, self.loader, priming_steps(self.cfg, len(self.loader)), self.cfg,
+                                  self.seed, shape, budget)
+        return scores, float(counter.get_total_flops())
+
+    def prime(self) -> RecordDict:
+        """Global mask mode, round 0: prime on local data and send node scores (no weights)."""
+        start = time.time()
+        outcome = self.device.run("prime", self._prime)
+        if not outcome.ok:
+            return self._refusal(outcome)
+        scores, flops = outcome.value
+        metrics = {"num-examples": len(self.loader.dataset), "partition-id": self.partition_id,
+                   "prime-start": start, "prime-end": time.time(), "train-flops": flops}
+        return _records(metrics, {**outcome.figures, "status": "ok"} if outcome.figures else {},
+                        scores=encode({f"scores.{i}": s.float() for i, s in enumerate(scores)}, "float32"))
+
+    def _own_learners(self, method: Method, state: RecordDict) -> tuple[list[torch.Tensor] | None, float, Outcome]:
+        """Local mask mode: this device's own learners, chosen (by priming, for FAR) at its first participation
+        and kept in the node's state. Returns (learners, FLOPs spent choosing them now, outcome)."""
+        flops = 0.0
+        if "learners" not in state:
+            if method.primes:
+                outcome = self.device.run("prime", self._prime)
+                if not outcome.ok:
+                    return None, 0.0, outcome
+                scores, flops = outcome.value
+                learners = select_learners(scores, method.retention)
+            else:
+                learners = method.initial_learners(self.model, self.seed)
+            state["learners"] = encode({str(i): rows for i, rows in enumerate(learners)})
+        stored = decode(state["learners"])
+        return [stored[str(i)].long() for i in range(len(stored))], flops, Outcome("ok")
+
+    def train(self, part: ArrayRecord, state: RecordDict) -> RecordDict:
+        """Fine-tune on the received trainable part; the reply holds the delta of the trainable tensors only."""
+        cfg, run_method = self.cfg, self.cfg.spec
+        plan = run_method.exchange_plan(self.model)
+        if (refused := self.device.refusal("train")) is not None:  # refuse before priming or decoding anything
+            return self._refusal(refused)
+        method = self.device.method(run_method)  # a budget plan may have lowered FAR's retention
+        part_down = decode(part)
+        rows = exchange.part_rows(part_down, plan)
+        start = time.time()  # wall-clock, so the server can tell training time from everything else
+        flops = 0.0
+        if plan.sliced and cfg.mask_mode == "local":
+            rows, flops, outcome = self._own_learners(method, state)
+            if not outcome.ok:
+                return self._refusal(outcome)
+        elif plan.sliced and method.retention != run_method.retention:
+            rows = subset_rows(rows, method.retention, ffn_sizes(self.model), self.seed)
+
+        def work(shape: TrainingShape | None, budget: int | None):
+            return local_update(self.model, part_down, plan, rows, self.loader, cfg, self.seed, method, shape,
+                                count=self.device.plan is not None, budget_bytes=budget)
+
+        outcome = self.device.run("train", work)
+        if not outcome.ok:
+            return self._refusal(outcome)
+        delta, metrics = outcome.value
+        metrics.update({"train-start": start, "train-end": time.time()})
+        if self.device.plan is not None:
+            metrics["train-flops"] += flops
+        if plan.sliced and cfg.mask_mode == "global" and method.retention == run_method.retention:
+            delta = {k: v for k, v in delta.items() if not k.endswith(".rows")}  # the server knows its mask
+        record = encode(delta, cfg.codec)
+        error = (reconstruction_error(delta, decode(record)) if cfg.codec != "float32"
+                 else {"max_abs": 0.0, "rel_l2": 0.0})
+        metrics.update({"num-examples": len(self.loader.dataset), "partition-id": self.partition_id,
+                        "codec-rel-l2": error["rel_l2"], "codec-max-abs": error["max_abs"]})
+        return _records(metrics, {**outcome.figures, "status": "ok"} if outcome.figures else {}, delta=record)
+
+    def evaluate(self, part: ArrayRecord) -> RecordDict:
+        """Federated evaluation: the global model on this device's held-out share."""
+        if self.held_out is None:
+            return _records({"num-examples": 0, "partition-id": self.partition_id})
+        exchange.write(self.model.state_dict(), decode(part), self.cfg.spec.exchange_plan(self.model))
+        start = time.time()
+        metrics = evaluate(self.model, self.held_out, CACHE.tokenizer(self.cfg), get_task(self.cfg.task))
+        metrics.update({"num-examples": len(self.held_out), "partition-id": self.partition_id,
+                        "eval-start": start, "eval-end": time.time()})
+        return _records(metrics)

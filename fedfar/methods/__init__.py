@@ -1,0 +1,73 @@
+"""Fine-tuning methods, no Flower: one interface (`Method`: trainable / prepare / exchange_plan / merge), one room
+per method, and the registry that reads method strings.
+
+Adding a method: a module (or folder) with a `Method` subclass and one `REGISTRY` line below.
+Method strings: <name>[<number>][-<suffix>], e.g. full, full-emb, bitfit, far10, far40-emb, random10-attn.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from .arch import ARCHITECTURES, Layout, blocks, layout_of
+from .base import POLICIES, ExchangePlan, Method, Policy, PolicyMethod, apply_policy, get_policy, policy_name
+from .bitfit import BitFit, apply_bitfit
+from .far import FAR, PREACT_STORAGE, NodeSelection, RandomSelection
+from .full import Full
+
+
+def _no_number(name: str, number: str | None) -> None:
+    if number is not None:
+        raise ValueError(f"{name} takes no number: write {name}")
+
+
+def _full(number: str | None, suffix: str | None) -> Method:
+    _no_number("full", number)
+    return Full(policy=policy_name(suffix or "paper"))
+
+
+def _bitfit(number: str | None, suffix: str | None) -> Method:
+    _no_number("bitfit", number)
+    if suffix:
+        raise ValueError("bitfit has its own freeze rule (biases and head train): drop the -emb/-attn suffix")
+    return BitFit()
+
+
+def _selection(cls: type[NodeSelection]) -> Callable[[str | None, str | None], Method]:
+    def build(number: str | None, suffix: str | None) -> Method:
+        if number is None:
+            raise ValueError(f"{cls.name} needs its retention in percent, e.g. {cls.name}10")
+        return cls(retention=float(number) / 100.0, policy=policy_name(suffix or "paper"))
+    return build
+
+
+# method name -> builder from the string's number and suffix
+REGISTRY: dict[str, Callable[[str | None, str | None], Method]] = {
+    "full": _full,
+    "bitfit": _bitfit,
+    "far": _selection(FAR),
+    "random": _selection(RandomSelection),
+}
+METHOD_HELP = ("full[-emb|-attn], bitfit, far<retention %>[-emb|-attn] or random<retention %>[-emb|-attn], "
+               "e.g. far10-emb")
+
+
+def parse_method(text: str) -> Method:
+    """'far10-emb' -> FAR(retention=0.1, policy='frozen-embeddings'); a ValueError naming the valid forms."""
+    m = re.fullmatch(r"([a-z]+)(\d+(?:\.\d+)?)?(?:-([a-z-]+))?", str(text).strip().lower())
+    if not m or m.group(1) not in REGISTRY:
+        raise ValueError(f"cannot read method {text!r}: write {METHOD_HELP}")
+    name, number, suffix = m.groups()
+    if suffix == "paper":
+        suffix = None
+    try:
+        return REGISTRY[name](number, suffix)
+    except ValueError as err:
+        raise ValueError(f"method {text!r}: {err} (method strings: {METHOD_HELP})") from None
+
+
+__all__ = [
+    "ARCHITECTURES", "Layout", "blocks", "layout_of", "POLICIES", "ExchangePlan", "Method", "Policy", "PolicyMethod",
+    "apply_policy", "get_policy", "policy_name", "BitFit", "apply_bitfit", "FAR", "PREACT_STORAGE",
+    "NodeSelection", "RandomSelection", "Full", "REGISTRY", "METHOD_HELP", "parse_method",
+]
