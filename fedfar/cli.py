@@ -71,7 +71,7 @@ def _run(args: argparse.Namespace) -> None:
         overrides[key.strip()] = _parse_value(value.strip())
     # Validate the whole run config here, before a SuperLink or Ray starts.
     values = run_config_values(args.config, overrides)
-    for key in ("fleet", "device-catalog"):  # the app runs in the project directory: pass files as absolute paths
+    for key in ("fleet", "device-catalog", "faults"):  # the app runs in the project directory: absolute paths
         if values.get(key):
             overrides[key] = values[key] = str(Path(values[key]).expanduser().resolve())
     cfg = RunConfig.from_flower(values)
@@ -82,6 +82,7 @@ def _run(args: argparse.Namespace) -> None:
     from .devices.gpu import resolve_device
 
     resolve_device(cfg.device)  # cuda without a GPU here: say so before a SuperLink or Ray starts
+    check_data(cfg)
     if cfg.fleet:  # every device must at least hold the model: say so now, not after Ray has started
         from .data import get_task
         from .devices.device import check_fleet
@@ -117,6 +118,18 @@ def _run(args: argparse.Namespace) -> None:
               f"({s['selections_oom']} out of memory, {s['selections_late']} late); never trained: "
               f"{', '.join(s['devices_never_trained']) or 'none'}; simulated time {s['sim_time_s'] / 60:.1f} min")
     print(f"results: {folder}  (rounds.csv, ledger.csv, partitions.json, summary.json, metric_vs_round_and_mb.png)")
+
+
+def check_data(cfg) -> None:
+    """Load the task's train and dev files now (a missing folder, file or column is an error naming it), not
+    a minute later inside Flower and Ray. The hub is not checked: that needs the internet."""
+    if cfg.data == "hub":
+        return
+    from .data import get_task, load_glue
+
+    task = get_task(cfg.task)
+    for split in ("train", task.dev_splits[0]):
+        load_glue(task, split, cfg.data_source)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     quiet_libraries()  # our own progress bars say what is happening; the libraries' per-file bars bury them
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
         print(f"fedfar: error: {err}", file=sys.stderr)
         sys.exit(2)
 

@@ -49,8 +49,9 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     task, spec = cfg.validate()
     source = resolve_source(cfg.data)
     out = Path(cfg.out or f"results/finetune/{task.name}-{spec.label}-seed{cfg.seed}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    if (out / "metrics.json").exists():
+        raise FileExistsError(f"{out} holds a finished run (metrics.json): give --out a new folder, or remove it "
+                              "to run again")
     torch.manual_seed(cfg.seed)
 
     t_start = time.perf_counter()
@@ -63,6 +64,8 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
                                shuffle=True, seed=cfg.seed)
     dev_loader = make_loader(tokenize(dev_ds, tokenizer, task, cfg.max_length), tokenizer, 128, shuffle=False)
     model = load_model(cfg.model, task.num_labels, seed=cfg.seed).to(resolve_device(cfg.device))
+    out.mkdir(parents=True, exist_ok=True)  # the run really starts: data and model are loaded
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
     history: list[dict] = []
     total = int(cfg.epochs * len(train_loader) + 0.999)

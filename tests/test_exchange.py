@@ -103,3 +103,69 @@ def test_local_update_delta_holds_only_trainable_tensors_and_frozen_weights_stay
     assert torch.equal(after[w1][frozen_rows], pristine[w1][frozen_rows])
     assert not torch.equal(after[w1][rows[0]], pristine[w1][rows[0]])
     torch.testing.assert_close(delta["ffn.0.w1"], after[w1][rows[0]] - pristine[w1][rows[0]])
+
+
+def _robust_deltas():
+    """Three clients on the toy plan; C is an outlier. Rows: A {0, 1}, B {1, 2}, C {1, 2}; row 3 nobody."""
+    return [(_delta([0, 1], 1.0, [1.0, 1.0]), 1.0), (_delta([1, 2], 3.0, [2.0, 2.0]), 5.0),
+            (_delta([1, 2], 1000.0, [1000.0, -1000.0]), 1.0)]
+
+
+def test_median_runs_over_the_clients_that_sent_each_row():
+    plan, state = _toy_plan_and_state()
+    touched = exchange.merge_deltas(state, _robust_deltas(), plan, aggregator="median")
+    # row 0: A only -> 1; row 1: {1, 3, 1000} -> 3; row 2: {3, 1000} -> mean of the two middles 501.5; row 3: none
+    assert state["w1"].flatten().tolist() == [1.0, 3.0, 501.5, 0.0]
+    assert state["w2"].flatten().tolist() == [1.0, 3.0, 501.5, 0.0]
+    assert state["head"].tolist() == [2.0, 1.0]  # unweighted: the examples do not count
+    assert torch.equal(state["frozen"], torch.ones(3)) and touched == {0: 3}
+
+
+def test_trimmed_mean_drops_the_extremes_of_each_row():
+    plan, state = _toy_plan_and_state()
+    exchange.merge_deltas(state, _robust_deltas(), plan, aggregator="trimmed-mean", trim=0.34)
+    # trim floor(0.34 k) at each end: row 1 (k=3) keeps the middle 3; rows 0 and 2 (k=1, 2) keep everything
+    assert state["b1"].tolist() == [1.0, 3.0, 501.5, 0.0]
+    assert state["head"].tolist() == [2.0, 1.0]
+
+
+def test_a_scaled_outlier_moves_the_median_no_more_than_honest_clients_do():
+    plan, _ = _toy_plan_and_state()
+    honest = [(_delta([0, 1, 2, 3], v, [v, v]), 1.0) for v in (0.9, 1.0, 1.1, 1.2)]
+    attack = (_delta([0, 1, 2, 3], 1000.0, [1000.0, 1000.0]), 1.0)  # scale:1000 of an honest update
+    for aggregator in ("median", "mean"):
+        _, state = _toy_plan_and_state()
+        exchange.merge_deltas(state, honest + [attack], plan, aggregator=aggregator)
+        # the median lands among the honest updates (1.1); the mean is dragged to ~200
+        assert (state["w1"].abs().max() <= 1.2) == (aggregator == "median"), aggregator
+
+
+@pytest.mark.parametrize("bad, reason", [
+    (lambda d: d.update({"head": torch.tensor([float("nan"), 0.0])}), "non-finite"),
+    (lambda d: d.update({"ffn.0.w1": torch.full((2, 1), float("inf"))}), "non-finite"),
+    (lambda d: d.update({"head": torch.zeros(1)}), "shape"),
+    (lambda d: d.update({"ffn.0.rows": torch.tensor([-1, 3], dtype=torch.int32)}), "outside"),
+    (lambda d: d.update({"ffn.0.rows": torch.tensor([3, 4], dtype=torch.int32)}), "outside"),
+    (lambda d: d.update({"ffn.0.rows": torch.tensor([1, 1], dtype=torch.int32)}), "repeated"),
+    (lambda d: d.update({"ffn.0.rows": torch.tensor([1.0, 3.0])}), "integer"),
+    (lambda d: d.update({"head": torch.tensor([1, 0])}), "floating"),
+    (lambda d: d.pop("ffn.0.b1"), "missing"),
+    (lambda d: d.update({"extra": torch.zeros(1)}), "unexpected"),
+])
+def test_check_delta_names_what_is_wrong(bad, reason):
+    plan, state = _toy_plan_and_state()
+    delta = _delta([1, 3], 1.0, [0.0, 0.0])
+    exchange.check_delta(delta, plan, state)  # the good one passes
+    bad(delta)
+    with pytest.raises(ValueError, match=reason):
+        exchange.check_delta(delta, plan, state)
+
+
+def test_check_delta_enforces_the_mask_and_the_norm_bound():
+    plan, state = _toy_plan_and_state()
+    delta = _delta([1, 3], 1.0, [0.0, 0.0])  # norm sqrt(2 * 3 * 1) over w1, b1, w2
+    exchange.check_delta(delta, plan, state, allowed_rows=[torch.tensor([1, 3])], max_norm=2.45)
+    with pytest.raises(ValueError, match="learner mask"):
+        exchange.check_delta(delta, plan, state, allowed_rows=[torch.tensor([1, 2])])
+    with pytest.raises(ValueError, match="norm 2.449"):
+        exchange.check_delta(delta, plan, state, max_norm=2.4)

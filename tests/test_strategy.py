@@ -1,5 +1,4 @@
 """The strategy's ledger and aggregation, with real Flower messages (no Ray needed)."""
-import pytest
 import torch
 from conftest import tiny_model
 from flwr.app import Error, Message, MetricRecord, RecordDict
@@ -9,7 +8,7 @@ from fedfar.federation import exchange
 from fedfar.federation.config import RunConfig
 from fedfar.federation.codecs import encode
 from fedfar.federation.results import RunFolder
-from fedfar.federation.strategy import FedFar, union_seconds
+from fedfar.federation.strategy import FedFar, error_reason, union_seconds
 
 
 def _strategy(tmp_path, method="far25-emb"):
@@ -59,3 +58,81 @@ def test_aggregate_train_merges_into_the_global_model_and_skips_failures(tmp_pat
 def test_union_of_busy_intervals():
     assert union_seconds([(0, 2), (1, 3), (5, 6)]) == 4
     assert union_seconds([]) == 0
+
+
+def _bad_replies(s, msg):
+    """One reply per way a client can send garbage."""
+    part = exchange.select(s.state, s.plan, s.rows)
+    good = {k: torch.ones_like(v) for k, v in part.items() if not k.endswith(".rows")}
+    w1 = s.plan.ffn[0][0]
+    nan = {**good, "classifier.weight": torch.full_like(good["classifier.weight"], float("nan"))}
+    inf = {**good, "ffn.0.w1": torch.full_like(good["ffn.0.w1"], float("inf"))}
+    shape = {**good, "classifier.weight": torch.ones(1)}  # would broadcast silently
+    small = {**good, "ffn.1.w2": torch.ones(3, 3)}
+    rows1 = {"ffn.1.rows": s.rows[1].to(torch.int32)}
+    off_mask = {**good, **rows1, "ffn.0.rows": torch.arange(16, 32, dtype=torch.int32)}  # rows not sent to it
+    negative = {**good, **rows1, "ffn.0.rows": torch.tensor([-1, *range(1, 16)], dtype=torch.int32)}
+    missing = {k: v for k, v in good.items() if k != "ffn.0.w2"}
+    assert w1 in s.state
+    replies = [_reply(msg, d, i) for i, d in enumerate((nan, inf, shape, small, off_mask, negative, missing))]
+    replies.append(_reply(msg, good, 7, examples=0.0))            # would divide by zero
+    replies.append(_reply(msg, good, 8, examples=float("nan")))
+    replies.append(Message(RecordDict({"metrics": MetricRecord({"num-examples": 1.0, "partition-id": 9})}),
+                           reply_to=msg))                           # no delta at all
+    return replies
+
+
+def test_no_reply_a_client_can_send_reaches_the_global_model(tmp_path, task_identity):
+    s = _strategy(tmp_path)
+    before = {k: v.clone() for k, v in s.state.items()}
+    msg = s._messages([1], RecordDict({"part": s._down_part()}), "train")[0]
+    replies = _bad_replies(s, msg)
+    accepted, rejected = s._accept(replies)
+    assert accepted == [] and sorted(rejected) == list(range(len(replies)))
+    assert "non-finite" in rejected[0] and "shape" in rejected[2] and "mask" in rejected[4]
+    assert "outside" in rejected[5] and "missing" in rejected[6] and "num-examples" in rejected[7]
+    s.aggregate_train(1, replies)
+    for k, v in before.items():  # with no valid reply the global model stays bit-identical
+        assert torch.equal(s.state[k], v), k
+
+
+def test_bad_replies_are_left_out_and_good_ones_still_merge(tmp_path, task_identity):
+    s = _strategy(tmp_path)
+    before = {k: v.clone() for k, v in s.state.items()}
+    msg = s._messages([1], RecordDict({"part": s._down_part()}), "train")[0]
+    part = exchange.select(s.state, s.plan, s.rows)
+    ones = {k: torch.ones_like(v) for k, v in part.items() if not k.endswith(".rows")}
+    s.aggregate_train(1, [*_bad_replies(s, msg), _reply(msg, ones, 11, 2.0)])
+    torch.testing.assert_close(s.state["classifier.weight"], before["classifier.weight"] + 1.0)
+    assert torch.isfinite(s.state["classifier.weight"]).all()
+
+
+def test_update_norm_bound_rejects_a_scaled_update(tmp_path, task_identity):
+    s = _strategy(tmp_path)
+    s.cfg = RunConfig(method="far25-emb", model="random:bert-tiny", max_update_norm=100.0)
+    msg = s._messages([1], RecordDict({"part": s._down_part()}), "train")[0]
+    part = exchange.select(s.state, s.plan, s.rows)
+    small = {k: torch.full_like(v, 1e-3) for k, v in part.items() if not k.endswith(".rows")}
+    big = {k: 1000 * v for k, v in small.items()}
+    accepted, rejected = s._accept([_reply(msg, small, 0), _reply(msg, big, 1)])
+    assert len(accepted) == 1 and list(rejected) == [1] and "max-update-norm" in rejected[1]
+
+
+def test_median_aggregation_in_the_strategy_resists_a_scaled_client(tmp_path, task_identity):
+    s = _strategy(tmp_path)
+    s.cfg = RunConfig(method="far25-emb", model="random:bert-tiny", aggregator="median")
+    before = s.state["classifier.weight"].clone()
+    msg = s._messages([1], RecordDict({"part": s._down_part()}), "train")[0]
+    part = exchange.select(s.state, s.plan, s.rows)
+    honest = [{k: torch.full_like(v, x) for k, v in part.items() if not k.endswith(".rows")} for x in (1.0, 2.0, 3.0)]
+    attacker = {k: 1000 * v for k, v in honest[0].items()}
+    s.aggregate_train(1, [_reply(msg, d, i) for i, d in enumerate([*honest, attacker])])
+    torch.testing.assert_close(s.state["classifier.weight"], before + 2.5)  # median of {1, 2, 3, 1000}
+
+
+def test_error_reason_keeps_what_the_client_raised_not_rays_wrapping():
+    ray_text = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()\x1b[39m "
+                "(pid=1, ip=127.0.0.1)\n        ^^^^^^^^\nException ClientAppException occurred. Message: disk full'>")
+    assert error_reason(ray_text) == "ClientApp raised: disk full"
+    assert error_reason("Traceback:\n  File x\nValueError: bad rows\n") == "ValueError: bad rows"
+    assert len(error_reason("x" * 1000)) == 300

@@ -30,6 +30,7 @@ from ..train import TrainConfig, predict, train
 from . import exchange
 from .codecs import decode, encode, reconstruction_error
 from .config import RunConfig
+from .faults import corrupt, hang_seconds
 
 
 @dataclass
@@ -208,6 +209,7 @@ class Job:
     loader: object
     held_out: object
     device: Device
+    server_round: int = 0
 
     @classmethod
     def open(cls, run_config: Mapping, node_config: Mapping, server_round: int) -> "Job":
@@ -223,7 +225,7 @@ class Job:
         # the first client each worker served other masks than a warm worker would, so runs differed with
         # scheduling.
         torch.manual_seed(seed)
-        return cls(cfg, pid, seed, model, loader, held_out, device)
+        return cls(cfg, pid, seed, model, loader, held_out, device, server_round)
 
     def _refusal(self, outcome: Outcome) -> RecordDict:
         """What a device that cannot fit the work sends instead of an update: its figures, no weights."""
@@ -268,6 +270,11 @@ class Job:
 
     def train(self, part: ArrayRecord, state: RecordDict) -> RecordDict:
         """Fine-tune on the received trainable part; the reply holds the delta of the trainable tensors only."""
+        fault = self.cfg.fault(self.partition_id, self.server_round)
+        if fault and fault.kind == "crash":
+            raise RuntimeError(f"injected fault: partition {self.partition_id} crashes in round {self.server_round}")
+        if fault and fault.kind == "hang":
+            time.sleep(hang_seconds(self.cfg.round_timeout_s))  # the server's round timeout lets it go first
         cfg, run_method = self.cfg, self.cfg.spec
         plan = run_method.exchange_plan(self.model)
         if (refused := self.device.refusal("train")) is not None:  # refuse before priming or decoding anything
@@ -297,12 +304,17 @@ class Job:
             metrics["train-flops"] += flops
         if plan.sliced and cfg.mask_mode == "global" and method.retention == run_method.retention:
             delta = {k: v for k, v in delta.items() if not k.endswith(".rows")}  # the server knows its mask
+        metrics["update-norm"] = float(sum(v.double().pow(2).sum() for k, v in delta.items()
+                                           if not k.endswith(".rows")) ** 0.5)
+        if fault:
+            delta = corrupt(delta, fault)
         record = encode(delta, cfg.codec)
         error = (reconstruction_error(delta, decode(record)) if cfg.codec != "float32"
                  else {"max_abs": 0.0, "rel_l2": 0.0})
         metrics.update({"num-examples": len(self.loader.dataset), "partition-id": self.partition_id,
                         "codec-rel-l2": error["rel_l2"], "codec-max-abs": error["max_abs"]})
-        return _records(metrics, {**outcome.figures, "status": "ok"} if outcome.figures else {}, delta=record)
+        device = {**outcome.figures, "status": "ok"} if outcome.figures else {}
+        return _records(metrics, {**device, "fault": fault.label} if fault else device, delta=record)
 
     def evaluate(self, part: ArrayRecord) -> RecordDict:
         """Federated evaluation: the global model on this device's held-out share."""

@@ -6,6 +6,7 @@ Defaults live in pyproject.toml's [tool.flwr.app.config]; configs/*.toml overrid
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -14,6 +15,8 @@ from ..devices.budget import PLAN_POLICIES
 from ..devices.gpu import DEVICES
 from ..methods import PREACT_STORAGE, Method, parse_method
 from .codecs import CODECS
+from .exchange import AGGREGATORS
+from .faults import Fault, fault_for, load_faults
 
 MASK_MODES = ("global", "local")
 
@@ -53,6 +56,12 @@ class RunConfig:
     oom_policy: str = "adapt"      # over budget: adapt (micro-batch, retention, recompute) or fail like a device
     deadline_s: float = 0.0        # simulated round deadline; slower clients are dropped; 0 = none
     device: str = "cpu"            # where clients train: cpu, or cuda (budgets also capped for real: fedfar.devices.gpu)
+    # Robustness (fedfar.federation.exchange, .faults): every reply is validated before any is merged.
+    aggregator: str = "mean"       # mean (FedAvg on what was sent) | median | trimmed-mean, each row over its senders
+    trim_share: float = 0.1        # trimmed-mean: share of values dropped at each end, in [0, 0.5)
+    max_update_norm: float = 0.0   # reject a client update whose L2 norm exceeds this; 0 = no bound
+    round_timeout_s: float = 0.0   # stop waiting for a round's replies after this many seconds (late = lost); 0 = none
+    faults: str = ""               # fault-injection TOML ([[fault]] partition, rounds, kind); "" = none
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> "RunConfig":
@@ -66,11 +75,12 @@ class RunConfig:
             f = known[key]
             kind = type(getattr(cls, f.name))
             try:
-                if kind is bool and not isinstance(value, bool):
-                    raise TypeError
+                if (kind is bool) != isinstance(value, bool) or (kind is int and isinstance(value, float)):
+                    raise TypeError  # no silent 2.5 -> 2, and no true -> 1
                 values[f.name] = kind(value) if kind is not bool else value
             except (TypeError, ValueError):
-                raise ValueError(f"run-config {key} = {value!r}: expected a {kind.__name__}") from None
+                raise ValueError(f"run-config {key} = {value!r}: expected {'an' if kind is int else 'a'} "
+                                 f"{kind.__name__}") from None
         cfg = cls(**values)
         cfg.validate()
         return cfg
@@ -94,10 +104,22 @@ class RunConfig:
             (self.oom_policy in PLAN_POLICIES, f"oom-policy {self.oom_policy!r}: choose {' or '.join(PLAN_POLICIES)}"),
             (self.deadline_s >= 0, "deadline-s must be >= 0 (0 = no deadline)"),
             (self.device in DEVICES, f"device {self.device!r}: choose {' or '.join(DEVICES)}"),
+            (self.max_length > 0 and self.shards_per_partition > 0,
+             "max-length and shards-per-partition must be positive"),
+            (self.max_train_examples >= 0, "max-train-examples must be >= 0 (0 = the whole partition)"),
+            (self.dev_examples >= 0, "dev-examples must be >= 0 (0 = the whole dev set)"),
+            (self.server_lr > 0, "server-lr must be positive"),
+            (self.aggregator in AGGREGATORS, f"aggregator {self.aggregator!r}: choose one of {', '.join(AGGREGATORS)}"),
+            (0 <= self.trim_share < 0.5, "trim-share must be in [0, 0.5)"),
+            (self.max_update_norm >= 0, "max-update-norm must be >= 0 (0 = no bound)"),
+            (self.round_timeout_s >= 0, "round-timeout-s must be >= 0 (0 = wait for every reply)"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if any(f.kind == "hang" for f in self.fault_list) and not self.round_timeout_s:
+            raise ValueError(f"faults {self.faults}: a 'hang' fault never replies: set round-timeout-s (e.g. 60) "
+                             "so the round goes on without it")
         for key, path in (("fleet", self.fleet), ("device-catalog", self.device_catalog)):
             if path and not Path(path).expanduser().is_file():
                 raise FileNotFoundError(f"{key} {path!r}: no such file (paths are relative to the directory the "
@@ -110,6 +132,14 @@ class RunConfig:
     def spec(self) -> Method:
         """The fine-tuning method (fedfar.methods) that `method` names."""
         return parse_method(self.method)
+
+    @cached_property
+    def fault_list(self) -> tuple[Fault, ...]:
+        """The injected faults (fedfar.federation.faults), read from `faults`; () when none."""
+        return load_faults(self.faults)
+
+    def fault(self, partition: int, server_round: int) -> Fault | None:
+        return fault_for(self.fault_list, partition, server_round)
 
     @property
     def data_source(self) -> str | Path:

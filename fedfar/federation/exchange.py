@@ -67,25 +67,96 @@ def write(state: dict[str, torch.Tensor], part: dict[str, torch.Tensor], plan: E
         state[w2][:, idx] = part[f"ffn.{i}.w2"].to(state[w2].dtype)
 
 
+AGGREGATORS = ("mean", "median", "trimmed-mean")
+
+
+def check_delta(part: dict[str, torch.Tensor], plan: ExchangePlan, state: dict[str, torch.Tensor],
+                allowed_rows: list[torch.Tensor] | None = None, max_norm: float = 0.0) -> None:
+    """Raise ValueError naming what is wrong with a client's delta, before anything is merged.
+
+    Keys as the plan says; floating values, finite, of exactly the global tensor's shape; FFN row indices integer,
+    1-D, unique, in range and (global mask) within `allowed_rows`; the whole update's L2 norm at most `max_norm`
+    (0 = no bound)."""
+    _check_keys(part, plan)
+    expected: dict[str, tuple[int, ...]] = {n: tuple(state[n].shape) for n in plan.dense}
+    for i, (w1, b1, w2) in enumerate(plan.ffn):
+        rows = part[f"ffn.{i}.rows"]
+        if rows.dtype not in (torch.int32, torch.int64) or rows.dim() != 1:
+            raise ValueError(f"ffn.{i}.rows must be a 1-D integer tensor, got {rows.dtype} {tuple(rows.shape)}")
+        d_ff = state[w1].shape[0]
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= d_ff):
+            raise ValueError(f"ffn.{i}.rows outside [0, {d_ff}): min {int(rows.min())}, max {int(rows.max())}")
+        if rows.unique().numel() != rows.numel():
+            raise ValueError(f"ffn.{i}.rows has repeated indices")
+        if allowed_rows is not None and not torch.isin(rows.long(), allowed_rows[i].long()).all():
+            raise ValueError(f"ffn.{i}.rows has indices outside the server's learner mask")
+        k = rows.numel()
+        expected[f"ffn.{i}.w1"] = (k, *state[w1].shape[1:])
+        expected[f"ffn.{i}.w2"] = (state[w2].shape[0], k)
+        if b1:
+            expected[f"ffn.{i}.b1"] = (k,)
+    squares = 0.0
+    for name, shape in expected.items():
+        t = part[name]
+        if not t.is_floating_point():
+            raise ValueError(f"{name}: expected floating values, got {t.dtype}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name}: shape {tuple(t.shape)}, expected {shape}")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{name}: non-finite values (NaN or Inf)")
+        squares += float(t.double().pow(2).sum())
+    if max_norm > 0 and squares ** 0.5 > max_norm:
+        raise ValueError(f"update norm {squares ** 0.5:.4g} exceeds the bound max-update-norm = {max_norm:g}")
+
+
+def _robust(values: torch.Tensor, how: str, trim: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coordinate-wise median or trimmed mean over dim 0, among the entries that are not NaN (NaN = that client
+    did not send this coordinate). Returns (statistic, sent) where `sent` marks coordinates anyone sent."""
+    k = (~values.isnan()).sum(0)
+    ordered = values.sort(dim=0).values  # NaN sorts last: the first k entries are the values sent
+    sent = k > 0
+    if how == "median":
+        lo = ((k - 1).clamp_min(0) // 2).unsqueeze(0)
+        hi = (k // 2).clamp_max(values.shape[0] - 1).unsqueeze(0)
+        stat = (ordered.gather(0, lo) + ordered.gather(0, hi)).squeeze(0) / 2
+    else:  # trimmed mean: drop floor(trim * k) values at each end
+        cut = (trim * k).floor().long()
+        pos = torch.arange(values.shape[0]).view(-1, *([1] * (values.dim() - 1)))
+        keep = (pos >= cut) & (pos < k - cut)
+        stat = torch.where(keep, ordered.nan_to_num(0.0), 0.0).sum(0) / (k - 2 * cut).clamp_min(1)
+    return stat, sent
+
+
 @torch.no_grad()
 def merge_deltas(
     state: dict[str, torch.Tensor],
     deltas: list[tuple[dict[str, torch.Tensor], float]],
     plan: ExchangePlan,
     server_lr: float = 1.0,
+    aggregator: str = "mean",
+    trim: float = 0.1,
 ) -> dict[str, int]:
-    """Add the weighted mean of client deltas to the global state in place (FedAvg on what was sent).
+    """Add the aggregate of client deltas to the global state in place.
 
-    Dense tensors: mean over all replies. FFN rows: mean over the replies that sent that row; rows no reply
-    sent are untouched. Returns per-block counts of rows updated (for the run log).
+    `mean` (FedAvg on what was sent): dense tensors weighted by examples over all replies, FFN rows over the
+    replies that sent that row. `median` / `trimmed-mean` (drop `trim` of the values at each end): the same
+    coordinate-wise, unweighted, each row over the replies that sent it (as Flower's FedMedian and FedTrimmedAvg,
+    but on masked rows). Rows no reply sent are untouched. Validate replies with `check_delta` first: the merge
+    computes every update before it writes any, so the state is changed all at once or not at all.
+    Returns per-block counts of rows updated (for the run log).
     """
+    if aggregator not in AGGREGATORS:
+        raise ValueError(f"aggregator {aggregator!r}: choose one of {', '.join(AGGREGATORS)}")
     if not deltas:
         return {}
     for part, _ in deltas:
         _check_keys(part, plan)
+    if aggregator != "mean":
+        return _merge_robust(state, [p for p, _ in deltas], plan, server_lr, aggregator, trim)
+    updates: list[tuple[str, object, torch.Tensor]] = []
     total = sum(w for _, w in deltas)
     for n in plan.dense:
-        state[n] += server_lr * sum(w * part[n].to(state[n].dtype) for part, w in deltas) / total
+        updates.append((n, ..., server_lr * sum(w * part[n].to(state[n].dtype) for part, w in deltas) / total))
     touched = {}
     for i, (w1, b1, w2) in enumerate(plan.ffn):
         d_ff = state[w1].shape[0]
@@ -102,9 +173,39 @@ def merge_deltas(
             acc_w2[:, idx] += w * part[f"ffn.{i}.w2"].double()
         sent = weight > 0
         scale = torch.where(sent, server_lr / weight.clamp_min(1e-300), torch.zeros_like(weight))
-        state[w1][sent] += (acc_w1[sent] * scale[sent, None]).to(state[w1].dtype)
+        updates.append((w1, sent, (acc_w1[sent] * scale[sent, None]).to(state[w1].dtype)))
         if b1:
-            state[b1][sent] += (acc_b1[sent] * scale[sent]).to(state[b1].dtype)
-        state[w2][:, sent] += (acc_w2[:, sent] * scale[None, sent]).to(state[w2].dtype)
+            updates.append((b1, sent, (acc_b1[sent] * scale[sent]).to(state[b1].dtype)))
+        updates.append((w2, (slice(None), sent), (acc_w2[:, sent] * scale[None, sent]).to(state[w2].dtype)))
         touched[i] = int(sent.sum())
+    for name, index, value in updates:
+        state[name][index] += value
+    return touched
+
+
+def _merge_robust(state: dict[str, torch.Tensor], parts: list[dict[str, torch.Tensor]], plan: ExchangePlan,
+                  server_lr: float, how: str, trim: float) -> dict[str, int]:
+    """Median / trimmed mean: each client's rows go into a NaN-filled stack (NaN = not sent), then `_robust`."""
+    updates: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+    for n in plan.dense:
+        stat, sent = _robust(torch.stack([p[n].to(state[n].dtype) for p in parts]), how, trim)
+        updates.append((n, sent, server_lr * stat[sent]))
+    touched = {}
+    for i, (w1, b1, w2) in enumerate(plan.ffn):
+        rows_sent = torch.zeros(state[w1].shape[0], dtype=torch.bool)
+        stacks = {name: torch.full((len(parts), *state[name].shape), float("nan"), dtype=state[name].dtype)
+                  for name in (w1, b1, w2) if name}
+        for c, part in enumerate(parts):
+            idx = part[f"ffn.{i}.rows"].long()
+            rows_sent[idx] = True
+            stacks[w1][c, idx] = part[f"ffn.{i}.w1"].to(state[w1].dtype)
+            stacks[w2][c][:, idx] = part[f"ffn.{i}.w2"].to(state[w2].dtype)
+            if b1:
+                stacks[b1][c, idx] = part[f"ffn.{i}.b1"].to(state[b1].dtype)
+        for name, stack in stacks.items():
+            stat, sent = _robust(stack, how, trim)
+            updates.append((name, sent, server_lr * stat[sent]))
+        touched[i] = int(rows_sent.sum())
+    for name, sent, value in updates:
+        state[name][sent] += value  # only coordinates someone sent: the rest stay bit-identical
     return touched

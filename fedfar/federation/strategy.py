@@ -8,7 +8,9 @@ FedAvg with full fine-tuning and full-model exchange is the plan with every tens
 """
 from __future__ import annotations
 
+import math
 import random
+import re
 import time
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
@@ -54,6 +56,7 @@ class FedFar(Strategy):
         self.avail_rng = random.Random(cfg.seed + 1)
         self.deadline = cfg.deadline_s or None
         self.sim_time = 0.0
+        self.dropped: set[int] = set()  # nodes whose reply an injected `drop` fault lost this round
 
     # ----------------------------------------------------------------------------------------- messages
     def _nodes(self, grid: Grid) -> list[int]:
@@ -88,12 +91,14 @@ class FedFar(Strategy):
         """Send and wait; pair each message with its reply (None if lost). One message per node.
 
         Replies are pulled as they come (Grid.send_and_receive does the same, silently), so the log can show how
-        many of the selected clients are done and about how long the rest will take."""
+        many of the selected clients are done and about how long the rest will take. With `round-timeout-s`,
+        replies that have not come by then are lost: a hanging client cannot hold the run."""
         if not messages:
             return []
         pending = set(grid.push_messages(messages))
         total, replies, start, shown = len(pending), {}, time.perf_counter(), 0
-        while pending:
+        timeout = self.cfg.round_timeout_s or float("inf")
+        while pending and time.perf_counter() - start < timeout:
             for reply in grid.pull_messages(pending):
                 pending.discard(reply.metadata.reply_to_message_id)
                 replies[reply.metadata.src_node_id] = reply
@@ -104,6 +109,9 @@ class FedFar(Strategy):
                     elapsed / shown * (total - shown))
             if pending:
                 time.sleep(self.POLL_S)
+        if pending:
+            log(WARNING, "  %s: %d of %d clients did not reply within round-timeout-s = %g s: lost", what or "round",
+                len(pending), total, self.cfg.round_timeout_s)
         return [(m, replies.get(m.metadata.dst_node_id)) for m in messages]
 
     # ----------------------------------------------------------------------------------------- devices
@@ -116,9 +124,12 @@ class FedFar(Strategy):
             entry = self._ledger_entry(0, "register", msg_out, reply)
             entries.append(entry)
             if entry["status"] == "ok":
-                self.partition_of[msg_out.metadata.dst_node_id] = int(reply.content["metrics"]["partition-id"])
-                if (profile := profile_from_record(reply.content["device"])) is not None:
-                    self.profiles[msg_out.metadata.dst_node_id] = profile
+                try:
+                    self.partition_of[msg_out.metadata.dst_node_id] = int(reply.content["metrics"]["partition-id"])
+                    if (profile := profile_from_record(reply.content["device"])) is not None:
+                        self.profiles[msg_out.metadata.dst_node_id] = profile
+                except (KeyError, ValueError, TypeError) as err:
+                    entry.update(status="error", error=f"malformed registration: {err}"[:300])
         self.folder.append_ledger(entries)
         bad = [e for e in entries if e["status"] != "ok"]
         if bad:
@@ -152,18 +163,19 @@ class FedFar(Strategy):
         self.clock(rows)
         for (msg_out, reply), entry in zip(pairs, rows):
             if entry["status"] == "ok":
-                answered.append(reply)
-                self.busy.append((entry["prime_start"], entry["prime_end"]))
+                try:
+                    answered.append((entry["partition_id"], *self._check_scores(reply)))
+                    self.busy.append((entry["prime_start"], entry["prime_end"]))
+                except (ValueError, KeyError, TypeError) as err:
+                    entry.update(status="rejected", error=f"scores: {err}"[:300])
         # Partition order, not arrival order, so the sums (and ties in the ranking) repeat run after run.
-        for reply in sorted(answered, key=lambda r: r.content["metrics"]["partition-id"]):
-            w = float(reply.content["metrics"]["num-examples"])
-            s = decode(reply.content["scores"])
+        for _, w, s in sorted(answered, key=lambda a: a[0]):
             for i in range(len(scores)):
-                scores[i] += w * s[f"scores.{i}"].double()
+                scores[i] += w * s[i]
             total += w
         self.folder.append_ledger(rows)
         if total == 0:
-            raise RuntimeError("no client answered the priming round: cannot choose learners")
+            raise RuntimeError("no client answered the priming round with valid scores: cannot choose learners")
         self.rows = select_learners([s / total for s in scores], self.spec.retention)
         self.folder.write_mask(self.rows, self.sizes)
         log(INFO, "priming: %d/%d clients scored FFN nodes; kept %d of %d nodes per block",
@@ -178,21 +190,85 @@ class FedFar(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        deltas = []
+        """Validate every reply, then merge the valid ones (all at once); invalid ones are left out."""
+        accepted, _ = self._accept(list(replies))
+        self._merge(accepted)
+        # The global model lives in self.state; returning None keeps Flower from swapping in a partial one.
+        return None, MetricRecord({"clients": len(accepted)})
+
+    # ----------------------------------------------------------------------------------------- trust nothing
+    @staticmethod
+    def _examples(reply: Message) -> float:
+        w = float(reply.content["metrics"]["num-examples"])
+        if not (math.isfinite(w) and w > 0):
+            raise ValueError(f"num-examples must be positive and finite, got {w}")
+        return w
+
+    def _check_scores(self, reply: Message) -> tuple[float, list[torch.Tensor]]:
+        """(examples, per-block scores) of a priming reply, or ValueError."""
+        w = self._examples(reply)
+        s = decode(reply.content["scores"])
+        out = []
+        for i, d in enumerate(self.sizes):
+            t = s[f"scores.{i}"]
+            if tuple(t.shape) != (d,) or not t.is_floating_point() or not torch.isfinite(t).all():
+                raise ValueError(f"scores.{i} must be {d} finite floats, got {t.dtype} {tuple(t.shape)}")
+            out.append(t.double())
+        return w, out
+
+    def _check_delta(self, reply: Message) -> tuple[dict[str, torch.Tensor], float]:
+        """(delta, examples) of a training reply, or ValueError naming what is wrong (fedfar.federation
+        .exchange.check_delta): nothing a client sends reaches the global model unchecked."""
+        w = self._examples(reply)
+        delta = decode(reply.content["delta"])
+        global_mask = self.plan.sliced and self.cfg.mask_mode == "global"
+        if global_mask and not any(k.endswith(".rows") for k in delta):
+            delta.update({f"ffn.{i}.rows": r for i, r in enumerate(self.rows)})  # the mask the server sent
+        exchange.check_delta(delta, self.plan, self.state, self.rows if global_mask else None,
+                             self.cfg.max_update_norm)
+        return delta, w
+
+    def _accept(self, replies: list[Message]) -> tuple[list[tuple[dict, float]], dict[int, str]]:
+        """Valid (delta, examples) of the replies, in partition order, and {index in replies: why rejected}."""
+        accepted, rejected = [], {}
+        for i, reply in enumerate(replies):
+            if reply.has_error():
+                continue
+            try:
+                pid = int(reply.content["metrics"]["partition-id"])
+                accepted.append((pid, *self._check_delta(reply)))
+            except Exception as err:  # noqa: BLE001 -- whatever a reply holds, it must not stop the server
+                rejected[i] = f"{type(err).__name__}: {err}"[:300]
         # Partition order, not arrival order: float sums then come out the same in every run with the same seed.
-        ok = [r for r in replies if not r.has_error() and "delta" in r.content]
-        for reply in sorted(ok, key=lambda r: r.content["metrics"]["partition-id"]):
-            delta = decode(reply.content["delta"])
-            if self.plan.sliced and self.cfg.mask_mode == "global" and "ffn.0.rows" not in delta:
-                delta.update({f"ffn.{i}.rows": r for i, r in enumerate(self.rows)})
-            deltas.append((delta, float(reply.content["metrics"]["num-examples"])))
-        exchange.merge_deltas(self.state, deltas, self.plan, self.cfg.server_lr)
+        return [(d, w) for _, d, w in sorted(accepted, key=lambda a: a[0])], rejected
+
+    def _merge(self, accepted: list[tuple[dict, float]]) -> float:
+        """Merge validated deltas into the global model; returns the L2 norm of the change it made."""
+        if not accepted:
+            return 0.0
+        full_rows = [torch.arange(d) for d in self.sizes] if self.plan.sliced else None
+        before = exchange.select(self.state, self.plan, full_rows)
+        exchange.merge_deltas(self.state, accepted, self.plan, self.cfg.server_lr, self.cfg.aggregator,
+                              self.cfg.trim_share)
+        after = exchange.select(self.state, self.plan, full_rows)
         if self.plan.sliced and self.cfg.mask_mode == "local":
             for i in range(len(self.rows)):
-                sent = [d[f"ffn.{i}.rows"].long() for d, _ in deltas]
+                sent = [d[f"ffn.{i}.rows"].long() for d, _ in accepted]
                 self.rows[i] = torch.cat([self.rows[i], *sent]).unique(sorted=True)
-        # The global model lives in self.state; returning None keeps Flower from swapping in a partial one.
-        return None, MetricRecord({"clients": len(deltas)})
+        return float(sum((after[k].double() - before[k].double()).pow(2).sum() for k in after
+                         if not k.endswith(".rows")) ** 0.5)
+
+    def _drop_injected(self, rnd: int, pairs: list[tuple[Message, Message | None]]
+                       ) -> list[tuple[Message, Message | None]]:
+        """A `drop` fault (fedfar.federation.faults) loses the reply on its way: the server never sees it."""
+        out = []
+        for msg, reply in pairs:
+            fault = self.cfg.fault(self.partition_of.get(msg.metadata.dst_node_id, -1), rnd)
+            if fault and fault.kind == "drop":
+                self.dropped.add(msg.metadata.dst_node_id)
+                reply = None
+            out.append((msg, reply))
+        return out
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -203,7 +279,14 @@ class FedFar(Strategy):
         return self._messages(self._nodes(grid), content, "evaluate")
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        good = [r.content["metrics"] for r in replies if not r.has_error() and r.content["metrics"]["num-examples"]]
+        good = []
+        for r in replies:  # federated evaluation never touches the model; still, a malformed reply is skipped
+            try:
+                m = dict(r.content["metrics"]) if not r.has_error() else {}
+                if m and self._examples(r) and all(math.isfinite(float(v)) for v in m.values()):
+                    good.append(m)
+            except (KeyError, ValueError, TypeError):
+                continue
         if not good:
             return None
         total = sum(m["num-examples"] for m in good)
@@ -221,11 +304,15 @@ class FedFar(Strategy):
         entry = {"round": server_round, "phase": phase, "node_id": out.metadata.dst_node_id,
                  "bytes_down": serialized_nbytes(out), "payload_down": _payload(out.content),
                  "bytes_up": 0, "payload_up": 0, "status": "lost", "error": ""}
+        if (partition := self.partition_of.get(out.metadata.dst_node_id)) is not None:
+            entry["partition_id"] = partition  # known from registration, so lost and failed replies name it too
+            if phase == "train" and (fault := self.cfg.fault(partition, server_round)) is not None:
+                entry["fault"] = fault.label  # the injected fault, whatever became of the reply
         if reply is None:
             return entry
         entry["bytes_up"] = serialized_nbytes(reply)
         if reply.has_error():  # an error reply has no content: record it, never let it stop the round
-            entry.update(status="error", error=str(reply.error.reason)[:300])
+            entry.update(status="error", error=error_reason(str(reply.error.reason)))
             return entry
         entry["payload_up"] = _payload(reply.content)
         metrics = dict(reply.content["metrics"]) if "metrics" in reply.content else {}
@@ -258,9 +345,15 @@ class FedFar(Strategy):
         for rnd in range(1, self.cfg.num_rounds + 1):
             messages = list(self.configure_train(rnd, ArrayRecord(), ConfigRecord(), grid))
             t_send = time.perf_counter()
-            pairs = self._send(grid, messages, f"round {rnd}/{self.cfg.num_rounds}")
+            self.dropped.clear()
+            pairs = self._drop_injected(rnd, self._send(grid, messages, f"round {rnd}/{self.cfg.num_rounds}"))
             wait = time.perf_counter() - t_send
             entries = [self._ledger_entry(rnd, "train", m, r) for m, r in pairs]
+            for e in entries:
+                if e["status"] == "lost":
+                    e["error"] = ("reply dropped on its way (injected fault)" if e["node_id"] in self.dropped
+                                  else "no reply" + (f" within round-timeout-s = {self.cfg.round_timeout_s:g} s"
+                                                     if self.cfg.round_timeout_s else ""))
             sim_round = self.clock(entries) if self.profiles else None
             for e in entries:
                 if "train_start" in e:
@@ -268,8 +361,13 @@ class FedFar(Strategy):
                 if e["status"] != "ok":
                     log(WARNING, "round %d: node %s (%s) %s %s", rnd, e["node_id"], e.get("device", "-"),
                         e["status"], e["error"] or f"{e.get('sim_total_s', 0):.0f} s > deadline {self.deadline} s")
-            # Only updates that arrived in (simulated) time are merged.
-            self.aggregate_train(rnd, [r for (_, r), e in zip(pairs, entries) if r is not None and e["status"] == "ok"])
+            # Only updates that arrived in (simulated) time and pass every check are merged.
+            arrived = [(e, r) for (_, r), e in zip(pairs, entries) if r is not None and e["status"] == "ok"]
+            accepted, rejected = self._accept([r for _, r in arrived])
+            for i, reason in rejected.items():
+                arrived[i][0].update(status="rejected", error=reason)
+                log(WARNING, "round %d: node %s update rejected: %s", rnd, arrived[i][0]["node_id"], reason)
+            update_norm = self._merge(accepted)
             eval_pairs = self._send(grid, list(self.configure_evaluate(rnd, ArrayRecord(), ConfigRecord(), grid)))
             fed_eval = self.aggregate_evaluate(rnd, [r for _, r in eval_pairs if r is not None])
             t_eval = time.time()
@@ -280,7 +378,9 @@ class FedFar(Strategy):
             mb_up, mb_down = mb_up + up, mb_down + down
             ok = sum(e["status"] == "ok" for e in entries)
             row = {"round": rnd, **metrics, "clients": len(entries), "clients_ok": ok, "mb_up": mb_up,
-                   "mb_down": mb_down, "round_wait_s": wait, "wall_s": time.perf_counter() - t_run}
+                   "mb_down": mb_down, "round_wait_s": wait, "wall_s": time.perf_counter() - t_run,
+                   "update_norm": update_norm, "clients_rejected": len(rejected),
+                   "clients_lost": sum(e["status"] in ("lost", "error") for e in entries)}
             if sim_round is not None:
                 row.update(sim_round_s=sim_round, sim_time_s=self.sim_time,
                            clients_oom=sum(e["status"] == "oom" for e in entries),
@@ -298,6 +398,18 @@ class FedFar(Strategy):
                 ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), up, down, mb_up, mb_down, wait, sim, left / 60)
         return {"history": history, "wall_s": time.perf_counter() - t_run, "busy_s": union_seconds(self.busy),
                 "devices": bool(self.profiles)}
+
+
+def error_reason(text: str, limit: int = 300) -> str:
+    """The line of a client's error that says what went wrong: Ray wraps a ClientApp's exception in a traceback
+    with terminal colours, whose first 300 characters name only the actor."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in text.splitlines()]
+    lines = [line for line in lines if line and not set(line) <= set("^~ ")]
+    said = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b.*:", line)]
+    line = (said or lines or [""])[-1]
+    if m := re.search(r"ClientAppException occurred\. Message: (.*?)'?>?$", line):
+        line = f"ClientApp raised: {m.group(1)}"
+    return line[:limit]
 
 
 def _payload(content: RecordDict) -> int:
