@@ -32,8 +32,9 @@ def run_variant(config: str, clients: int, runs_dir: Path, run_name: str, overri
     if progress:
         progress.next(run_name)
     if not (run_dir / "summary.json").exists():
-        code = run_simulation(config, clients, overrides={**overrides, "results-dir": str(runs_dir),
-                                                          "run-name": run_name, "save-model": False})
+        # Studies read rounds and ledgers, not models; a study that needs the model sets save-model itself.
+        code = run_simulation(config, clients, overrides={"save-model": False, **overrides,
+                                                          "results-dir": str(runs_dir), "run-name": run_name})
         if progress:
             progress.ran += 1
         if code != 0 or not (run_dir / "summary.json").exists():
