@@ -53,8 +53,9 @@ def write_study(out: Path, table: str, rows: list[dict]) -> None:
 
 
 def plot_study(run_dirs: list[Path], out: Path, metric: str, title: str, name: str) -> Path:
-    """All runs of a study on one figure (fedfar.federation.results.plot_runs), saved as out/name."""
-    path = plot_runs(run_dirs, out, metric, title=title)[0]
+    """All runs of a study on one figure (fedfar.federation.results.plot_runs), saved as out/name; each line is
+    labelled with its run's name (the study's variant), since two variants may share a method label."""
+    path = plot_runs(run_dirs, out, metric, title=title, labels=[Path(r).name for r in run_dirs])[0]
     return path.rename(out / name)
 
 

@@ -38,13 +38,18 @@ def test_ledger_bytes_are_the_serialized_sizes(tmp_path, task_identity):
     assert lost["status"] == "lost" and lost["bytes_up"] == 0
 
 
-def test_aggregate_train_merges_into_the_global_model_and_skips_failures(tmp_path, task_identity):
+def _round(tmp_path):
+    """A strategy, a copy of its global state, one train message, and a maker of deltas filled with a value."""
     s = _strategy(tmp_path)
     before = {k: v.clone() for k, v in s.state.items()}
     msg = s._messages([1], RecordDict({"part": s._down_part()}), "train")[0]
     part = exchange.select(s.state, s.plan, s.rows)
-    ones = {k: torch.ones_like(v) for k, v in part.items() if not k.endswith(".rows")}
-    threes = {k: 3 * torch.ones_like(v) for k, v in part.items() if not k.endswith(".rows")}
+    return s, before, msg, lambda x: {k: torch.full_like(v, x) for k, v in part.items() if not k.endswith(".rows")}
+
+
+def test_aggregate_train_merges_into_the_global_model_and_skips_failures(tmp_path, task_identity):
+    s, before, msg, filled = _round(tmp_path)
+    ones, threes = filled(1.0), filled(3.0)
     failed = Message(Error(code=1, reason="out of memory"), reply_to=msg)  # a client that crashed
     s.aggregate_train(1, [_reply(msg, ones, 0, 1.0), failed, _reply(msg, threes, 1, 3.0)])
     w1 = s.plan.ffn[0][0]
@@ -83,9 +88,7 @@ def _bad_replies(s, msg):
 
 
 def test_no_reply_a_client_can_send_reaches_the_global_model(tmp_path, task_identity):
-    s = _strategy(tmp_path)
-    before = {k: v.clone() for k, v in s.state.items()}
-    msg = s._messages([1], RecordDict({"part": s._down_part()}), "train")[0]
+    s, before, msg, _ = _round(tmp_path)
     replies = _bad_replies(s, msg)
     accepted, rejected = s._accept(replies)
     assert accepted == [] and sorted(rejected) == list(range(len(replies)))
@@ -97,37 +100,26 @@ def test_no_reply_a_client_can_send_reaches_the_global_model(tmp_path, task_iden
 
 
 def test_bad_replies_are_left_out_and_good_ones_still_merge(tmp_path, task_identity):
-    s = _strategy(tmp_path)
-    before = {k: v.clone() for k, v in s.state.items()}
-    msg = s._messages([1], RecordDict({"part": s._down_part()}), "train")[0]
-    part = exchange.select(s.state, s.plan, s.rows)
-    ones = {k: torch.ones_like(v) for k, v in part.items() if not k.endswith(".rows")}
-    s.aggregate_train(1, [*_bad_replies(s, msg), _reply(msg, ones, 11, 2.0)])
+    s, before, msg, filled = _round(tmp_path)
+    s.aggregate_train(1, [*_bad_replies(s, msg), _reply(msg, filled(1.0), 11, 2.0)])
     torch.testing.assert_close(s.state["classifier.weight"], before["classifier.weight"] + 1.0)
     assert torch.isfinite(s.state["classifier.weight"]).all()
 
 
 def test_update_norm_bound_rejects_a_scaled_update(tmp_path, task_identity):
-    s = _strategy(tmp_path)
+    s, _, msg, filled = _round(tmp_path)
     s.cfg = RunConfig(method="far25-emb", model="random:bert-tiny", max_update_norm=100.0)
-    msg = s._messages([1], RecordDict({"part": s._down_part()}), "train")[0]
-    part = exchange.select(s.state, s.plan, s.rows)
-    small = {k: torch.full_like(v, 1e-3) for k, v in part.items() if not k.endswith(".rows")}
-    big = {k: 1000 * v for k, v in small.items()}
+    small, big = filled(1e-3), filled(1.0)
     accepted, rejected = s._accept([_reply(msg, small, 0), _reply(msg, big, 1)])
     assert len(accepted) == 1 and list(rejected) == [1] and "max-update-norm" in rejected[1]
 
 
 def test_median_aggregation_in_the_strategy_resists_a_scaled_client(tmp_path, task_identity):
-    s = _strategy(tmp_path)
+    s, before, msg, filled = _round(tmp_path)
     s.cfg = RunConfig(method="far25-emb", model="random:bert-tiny", aggregator="median")
-    before = s.state["classifier.weight"].clone()
-    msg = s._messages([1], RecordDict({"part": s._down_part()}), "train")[0]
-    part = exchange.select(s.state, s.plan, s.rows)
-    honest = [{k: torch.full_like(v, x) for k, v in part.items() if not k.endswith(".rows")} for x in (1.0, 2.0, 3.0)]
-    attacker = {k: 1000 * v for k, v in honest[0].items()}
-    s.aggregate_train(1, [_reply(msg, d, i) for i, d in enumerate([*honest, attacker])])
-    torch.testing.assert_close(s.state["classifier.weight"], before + 2.5)  # median of {1, 2, 3, 1000}
+    deltas = [filled(1.0), filled(2.0), filled(3.0), filled(1000.0)]  # three honest clients, one scaled 1000x
+    s.aggregate_train(1, [_reply(msg, d, i) for i, d in enumerate(deltas)])
+    torch.testing.assert_close(s.state["classifier.weight"], before["classifier.weight"] + 2.5)  # median
 
 
 def test_error_reason_keeps_what_the_client_raised_not_rays_wrapping():

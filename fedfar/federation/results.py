@@ -49,7 +49,9 @@ class RunFolder:
 def read_jsonl(path: Path) -> pd.DataFrame:
     if not Path(path).exists():
         return pd.DataFrame()
-    return pd.read_json(path, lines=True)
+    # dtype=False: values keep their JSON types; pandas would otherwise read the strings "nan" and "inf" (the
+    # labels of injected faults) as floats.
+    return pd.read_json(path, lines=True, dtype=False)
 
 
 def device_summary(folder: RunFolder, history: list[dict], metric: str) -> dict:
@@ -74,9 +76,10 @@ def time_to_target(rounds: pd.DataFrame, metric: str, target: float) -> float | 
     return float(hit["sim_time_s"].iloc[0]) if not hit.empty else None
 
 
-def plot_runs(run_dirs: list[Path], out_dir: Path, metric: str | None = None, title: str = "") -> list[Path]:
+def plot_runs(run_dirs: list[Path], out_dir: Path, metric: str | None = None, title: str = "",
+              labels: list[str] | None = None) -> list[Path]:
     """Metric vs round, vs cumulative MB (up + down) and, for runs with simulated devices, vs simulated time,
-    for one or many runs on shared axes."""
+    for one or many runs on shared axes. Lines are labelled `labels`, else each run's method label."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -86,13 +89,13 @@ def plot_runs(run_dirs: list[Path], out_dir: Path, metric: str | None = None, ti
     clocked = any("sim_time_s" in read_jsonl(Path(r) / "rounds.jsonl").columns for r in run_dirs)
     fig, axes = plt.subplots(1, 3 if clocked else 2, figsize=(16 if clocked else 11, 4))
     ax_r, ax_mb = axes[0], axes[1]
-    for run in run_dirs:
+    for i, run in enumerate(run_dirs):
         run = Path(run)
         rounds = read_jsonl(run / "rounds.jsonl")
         if rounds.empty:
             continue
         summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
-        label = summary.get("label", run.name)
+        label = labels[i] if labels else summary.get("label", run.name)
         m = metric or summary.get("metric") or [c for c in rounds.columns if c not in ("round",)][0]
         mb = rounds["mb_up"] + rounds["mb_down"]
         ax_r.plot(rounds["round"], rounds[m], marker="o", label=label)
