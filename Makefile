@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-.PHONY: setup run test bench
+.PHONY: setup run test bench mutants
 setup: $(STAMP)
 
 run: $(STAMP)
@@ -23,3 +23,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/fedfar bench
+
+# Mutation testing of the arithmetic's rooms against the fast tests ([tool.mutmut] in pyproject.toml). Slow (hours
+# on 2 cores; finished mutants are kept when it is restarted), not part of `make test` or CI.
+mutants: $(STAMP)
+	$(VENV)/bin/mutmut run
+	$(VENV)/bin/mutmut export-cicd-stats
+	$(PY) scripts/mutation_score.py

@@ -83,7 +83,8 @@ def train(
     """
     device = next(model.parameters()).device
     steps_per_epoch = len(loader)
-    total = max(1, math.ceil(epochs * steps_per_epoch))
+    # rounded first: a step count passed as a fraction of an epoch (21 / 19 * 19 = 21.000000000000004) is exact
+    total = max(1, math.ceil(round(epochs * steps_per_epoch, 6)))
     warmup = round(cfg.warmup_share * total)
     priming = 0
     if method.primes and learners is None:

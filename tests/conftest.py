@@ -55,3 +55,17 @@ def task_identity(monkeypatch):
     # set by the runtime; set them for the test only.
     for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, attr, value)
+
+
+# Longer limits (pyproject.toml sets 120 s) for tests that start a simulation; a module-scoped fixture's run
+# counts against the first test that uses it. An explicit @pytest.mark.timeout on a test wins.
+_TIMEOUTS = {"ray": 1200, "realdata": 900}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("timeout"):
+            continue
+        limits = [s for marker, s in _TIMEOUTS.items() if item.get_closest_marker(marker)]
+        if limits:
+            item.add_marker(pytest.mark.timeout(max(limits)))

@@ -152,4 +152,14 @@ def test_available():
     mixed = [prof(avail=a) for a in (0.1, 0.3, 0.5, 0.9)] * 25
     draw = available(mixed, random.Random(7))
     assert draw == available(mixed, random.Random(7)) and draw != available(mixed, random.Random(8))
-    assert 0 < sum(draw) < len(mixed)
+    # One independent draw per device, in order, from the caller's rng: exactly the rng's next len(mixed) numbers.
+    rng, replay = random.Random(7), random.Random(7)
+    assert available(mixed, rng) == [replay.random() < p.availability for p in mixed]
+    assert rng.random() == replay.random()  # and no more than one each
+    # Devices of one availability do not share a draw: at 0.5, a shared draw would make all 25 agree.
+    halves = [d for d, p in zip(draw, mixed) if p.availability == 0.5]
+    assert 0 < sum(halves) < len(halves)
+    # Each class is available about as often as its availability says (500 devices a class; 4.5 sd either way).
+    many = available([prof(avail=a) for a in (0.1, 0.3, 0.5, 0.9)] * 500, random.Random(11))
+    for k, a in enumerate((0.1, 0.3, 0.5, 0.9)):
+        assert abs(sum(many[k::4]) / 500 - a) < 4.5 * (a * (1 - a) / 500) ** 0.5, a

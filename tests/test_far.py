@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY, tiny_batch, tiny_model
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from transformers import AutoModelForSequenceClassification
 
 from fedfar.methods import FAR, Full, RandomSelection, apply_bitfit, get_policy, parse_method
@@ -142,15 +143,25 @@ def test_selection_matches_a_hand_computed_l1_ranking():
 
 def test_priming_then_reconfigure_selects_by_movement_and_keeps_schedule():
     model = tiny_model()
-    batches = [tiny_batch(seed=s) for s in range(20)]
-    seen_lr = []
-    cfg = TrainConfig(lr=1e-2, warmup_share=0.0, priming_share=0.1)
+    batches = [tiny_batch(seed=s) for s in range(10)]
+    # The learning rate and optimizer of every real step, read as the optimizer steps (a torch hook, no mock).
+    seen = []
+    hook = register_optimizer_step_pre_hook(lambda opt, *_: seen.append((id(opt), opt.param_groups[0]["lr"])))
+    cfg = TrainConfig(lr=1e-2, warmup_share=0.3, priming_share=0.2)
     spec = FAR(retention=0.25, policy="paper")
-    out = train(model, batches, spec, epochs=1, cfg=cfg, on_step=lambda s, l: seen_lr.append(s))
-    assert out["priming_steps"] == 2 and out["steps"] == 20
+    try:
+        out = train(model, batches, spec, epochs=1, cfg=cfg)
+    finally:
+        hook.remove()
+    assert out["priming_steps"] == 2 and out["steps"] == 10
     assert [x.numel() for x in learner_indices(model)] == [16, 16]  # round(0.25 * 64)
     assert all(torch.equal(a, b) for a, b in zip(out["learners"], learner_indices(model)))
-    assert seen_lr == list(range(20))
+    # Warm-up over 3 steps straddles the reconfigure after step 2, then linear decay to 0 over the other 7 steps.
+    # The schedule goes on across the rebuilt optimizer: restarting it would show 1e-2 / 3 again at step 2.
+    want = [1e-2 * 1 / 3, 1e-2 * 2 / 3, 1e-2, *(1e-2 * (10 - s) / 7 for s in range(3, 10))]
+    assert [lr for _, lr in seen] == pytest.approx(want, rel=1e-12, abs=0)
+    optimizers = [o for o, _ in seen]
+    assert optimizers[0] == optimizers[1] != optimizers[2] and len(set(optimizers[2:])) == 1  # rebuilt once
 
 
 def test_learners_are_the_nodes_that_moved_most_in_priming():

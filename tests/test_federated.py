@@ -13,11 +13,12 @@ from fedfar.federation import exchange
 from fedfar.devices.budget import TrainingShape, peak_bytes
 from fedfar.federation.config import RunConfig
 from fedfar.devices.profiles import load_catalog
-from fedfar.data import default_glue_dir
-from fedfar.federation.codecs import encode, payload_nbytes
+from fedfar.data import default_glue_dir, get_task, load_glue, make_loader, tokenize
 from fedfar.federation.launch import PROJECT_DIR, run_simulation
 from fedfar.federation.processes import process_tree
-from fedfar.models import load_model
+from fedfar.federation.client import WorkerCache
+from fedfar.models import load_model, load_tokenizer
+from fedfar.train import predict
 
 pytestmark = [pytest.mark.ray]
 TINY = PROJECT_DIR / "configs" / "tiny.toml"
@@ -68,13 +69,20 @@ def _cfg(run: Path) -> RunConfig:
 
 
 def _payload(cfg: RunConfig, rows: list[list[int]] | None, codec: str = "float32", with_rows: bool = True) -> int:
-    """Bytes of array data in a part of this run's plan, built independently of the run from the plan alone."""
+    """Bytes of array data in a part of this run's plan, built independently of the run from the plan alone and
+    counted from the tensors, not by the codec: numel x the codec's element size, int8 with a float32 scale per
+    row (a 1-D tensor is one row), row indices as int32 (codecs.py's documented wire layout)."""
     model = load_model(cfg.model, 2, seed=cfg.seed)
     plan = cfg.spec.exchange_plan(model)
     part = exchange.select(model.state_dict(), plan, [torch.tensor(r, dtype=torch.long) for r in rows] if rows else None)
-    if not with_rows:
-        part = {k: v for k, v in part.items() if not k.endswith(".rows")}
-    return payload_nbytes(encode(part, codec))
+    size = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}[codec]
+    total = 0
+    for name, t in part.items():
+        if name.endswith(".rows"):
+            total += 4 * t.numel() if with_rows else 0
+        else:
+            total += size * t.numel() + (4 * (t.shape[0] if t.dim() > 1 else 1) if codec == "int8" else 0)
+    return total
 
 
 def test_ledger_counts_exactly_what_was_serialized(runs):
@@ -152,9 +160,29 @@ def test_local_mask_mode_sends_row_indices_and_int8_deltas(runs):
     assert (ledger.codec_rel_l2 > 0).all() and (ledger.codec_rel_l2 < 0.02).all()
     # Round 1 downlink carries no FFN rows yet: nobody has trained any.
     assert (ledger.payload_down == _payload(cfg, [[]] * 2)).all()
-    # Federated evaluation on each device's held-out quarter, next to the server's dev-set metric.
+    # Federated evaluation on each device's held-out quarter, next to the server's dev-set metric. Both evaluated
+    # the global model after the only round, the one saved: recompute both from it, the MCC counted by hand, the
+    # federated one weighted by each device's held-out examples.
     rounds = pd.read_csv(run / "rounds.csv")
-    assert {"mcc", "fed_mcc"} <= set(rounds.columns) and -1 <= rounds.fed_mcc.iloc[-1] <= 1
+    assert {"mcc", "fed_mcc"} <= set(rounds.columns) and len(rounds) == 2
+    model = type(load_model(cfg.model, 2)).from_pretrained(run / "model")
+    tokenizer, task = load_tokenizer(cfg.model), get_task(cfg.task)
+    dev = load_glue(task, task.dev_splits[0], cfg.data_source).select(range(cfg.dev_examples))
+    assert rounds.mcc.iloc[-1] == pytest.approx(_mcc(model, tokenize(dev, tokenizer, task, cfg.max_length),
+                                                     tokenizer), abs=1e-9)
+    held_out = [WorkerCache().partition(cfg, partition, 2)[1] for partition in range(2)]
+    fed = sum(_mcc(model, h, tokenizer) * len(h) for h in held_out) / sum(len(h) for h in held_out)
+    assert rounds.fed_mcc.iloc[-1] == pytest.approx(fed, abs=1e-9)
+
+
+def _mcc(model, ds_tok, tokenizer) -> float:
+    """Matthews correlation of the model's predictions on a tokenized set, from the confusion counts by hand."""
+    logits, gold = predict(model, make_loader(ds_tok, tokenizer, 128, shuffle=False))
+    pred = logits.argmax(1)
+    tp, tn = int(((pred == 1) & (gold == 1)).sum()), int(((pred == 0) & (gold == 0)).sum())
+    fp, fn = int(((pred == 1) & (gold == 0)).sum()), int(((pred == 0) & (gold == 1)).sum())
+    den = ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)) ** 0.5
+    return (tp * tn - fp * fn) / den if den else 0.0
 
 
 def _clock_matches_the_formula(ledger: pd.DataFrame, catalog: dict) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -99,16 +100,20 @@ def test_stop_process_tree_kills_group_without_survivors() -> None:
 
 def test_stop_process_tree_finds_orphans_in_other_sessions_and_sigterm_ignorers() -> None:
     # A grandchild in its own new session that outlives its parent (like flower-superexec, Ray's daemons),
-    # and a child that ignores SIGTERM (needs the SIGKILL step).
-    script = ("setsid sleep 60 & "
-              "bash -c 'trap \"\" TERM; sleep 60; true' & "
-              "sleep 60")
+    # and a child that ignores SIGTERM (needs the SIGKILL step). None would end by itself while the test runs, so
+    # waiting instead of escalating either leaves them running or hangs into the test's timeout: no clock needed.
+    script = ("setsid sleep 3600 & "
+              "bash -c 'trap \"\" TERM; sleep 3600; true' & "
+              "sleep 3600")
     proc = subprocess.Popen(["bash", "-c", script], start_new_session=True)
     pids = _wait_for_children(proc.pid, 4)
-    t0 = time.monotonic()
-    processes.stop_process_tree(proc, timeout=1)
-    assert time.monotonic() - t0 < 8
-    assert all(_gone(p) for p in pids), processes.describe({p for p in pids if not _gone(p)})
+    try:
+        processes.stop_process_tree(proc, timeout=1)
+        assert all(_gone(p) for p in pids), processes.describe({p for p in pids if not _gone(p)})
+    finally:
+        for p in pids:  # whatever the outcome, leave none of what this test started running
+            if not _gone(p):
+                os.kill(p, signal.SIGKILL)
 
 
 def test_stop_process_tree_on_exited_process_is_a_no_op() -> None:

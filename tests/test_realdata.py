@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
+import fedfar.finetune
 from fedfar.data import default_glue_dir
 from fedfar.finetune import FinetuneConfig, finetune
 from fedfar.models import packaged_minilm_path
@@ -13,14 +14,51 @@ pytestmark = [pytest.mark.realdata,
               pytest.mark.skipif(not default_glue_dir().is_dir(), reason="shared GLUE files not found")]
 
 
-def test_far_finetune_on_cola_writes_an_ordinary_checkpoint_with_frozen_rows_untouched(tmp_path):
+def _ffn(layer: int) -> tuple[str, str, str]:
+    p = f"bert.encoder.layer.{layer}"
+    return f"{p}.intermediate.dense.weight", f"{p}.intermediate.dense.bias", f"{p}.output.dense.weight"
+
+
+def _mcc(pred, gold) -> float:
+    """Matthews correlation by hand from the confusion counts (0 when a margin is empty, as sklearn has it)."""
+    tp, tn = int(((pred == 1) & (gold == 1)).sum()), int(((pred == 0) & (gold == 0)).sum())
+    fp, fn = int(((pred == 1) & (gold == 0)).sum()), int(((pred == 0) & (gold == 1)).sum())
+    den = ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)) ** 0.5
+    return (tp * tn - fp * fn) / den if den else 0.0
+
+
+def test_far_finetune_on_cola_writes_an_ordinary_checkpoint_with_frozen_rows_untouched(tmp_path, monkeypatch):
+    # Spies around the real training and evaluation, which run unchanged: the FFN weights right after the one
+    # priming step (step 0), the learners chosen, and the dev-set logits the reported metric came from.
+    primed, chosen, evaluated = {}, [], []
+    real_train, real_predict = fedfar.finetune.train, fedfar.finetune.predict
+
+    def spy_train(model, loader, method, epochs, cfg, on_step=None, **kw):
+        def step(i, loss):
+            if i == 0:
+                primed.update({k: v.detach().clone() for k, v in model.state_dict().items()
+                               if any(k in _ffn(layer) for layer in range(6))})
+            on_step(i, loss)
+        result = real_train(model, loader, method, epochs, cfg, on_step=step, **kw)
+        chosen.extend(result["learners"])
+        return result
+
+    def spy_predict(model, loader):
+        evaluated.append(real_predict(model, loader))
+        return evaluated[-1]
+
+    monkeypatch.setattr(fedfar.finetune, "train", spy_train)
+    monkeypatch.setattr(fedfar.finetune, "predict", spy_predict)
     out = tmp_path / "run"
     summary = finetune(FinetuneConfig(task="cola", model="minilm", method="far10-emb", epochs=1, batch_size=16,
                                       max_train_examples=64, max_length=48, out=str(out)), progress=False)
     assert summary["steps"] == 4 and summary["priming_steps"] == 1
-    assert -1.0 <= summary["final"]["mcc"] <= 1.0
+    # The reported MCC is that of the evaluated predictions over the whole dev set, counted by hand.
+    (logits, labels), = evaluated  # one epoch, one evaluation
+    assert len(labels) == 1043 and logits.shape == (1043, 2)
+    assert summary["final"]["mcc"] == pytest.approx(_mcc(logits.argmax(1), labels), abs=1e-12)
     assert json.loads((out / "config.json").read_text())["method"] == "far10-emb"
-    assert json.loads((out / "metrics.json").read_text())["history"][0]["epoch"] == 1
+    assert json.loads((out / "metrics.json").read_text())["history"][0] == summary["final"]
 
     tuned = AutoModelForSequenceClassification.from_pretrained(out / "model").state_dict()
     base = AutoModelForSequenceClassification.from_pretrained(packaged_minilm_path(), num_labels=2).state_dict()
@@ -28,6 +66,19 @@ def test_far_finetune_on_cola_writes_an_ordinary_checkpoint_with_frozen_rows_unt
     assert torch.equal(tuned["bert.embeddings.word_embeddings.weight"], base["bert.embeddings.word_embeddings.weight"])
     assert not torch.equal(tuned["bert.encoder.layer.0.attention.self.query.weight"],
                            base["bert.encoder.layer.0.attention.self.query.weight"])
+    # Priming trains every FFN node; after it, only the learners train. The frozen nodes' rows of W1 and b1 and
+    # columns of W2 in the saved checkpoint are bit-identical to the primed weights, and the learners' rows all
+    # moved: the rows that changed after priming are exactly the learners, in every block.
+    assert len(chosen) == 6
+    for layer, learners in enumerate(chosen):
+        w1, b1, w2 = _ffn(layer)
+        assert learners.numel() == round(0.1 * 1536) and not torch.equal(primed[w1], base[w1])
+        frozen = torch.ones(1536, dtype=torch.bool)
+        frozen[learners] = False
+        assert torch.equal(tuned[w1][frozen], primed[w1][frozen]), w1
+        assert torch.equal(tuned[b1][frozen], primed[b1][frozen]), b1
+        assert torch.equal(tuned[w2][:, frozen], primed[w2][:, frozen]), w2
+        assert torch.equal((tuned[w1] != primed[w1]).any(1), ~frozen), w1
 
 
 def test_random_selection_moves_exactly_the_learner_rows_of_the_real_model(tmp_path):

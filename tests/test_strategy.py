@@ -2,7 +2,7 @@
 import torch
 from conftest import tiny_model
 from flwr.app import Error, Message, MetricRecord, RecordDict
-from flwr.common.serde import message_to_proto
+from test_deltas import array_record_bytes, message_bytes, metric_record_bytes, record_dict_bytes
 
 from fedfar.federation import exchange
 from fedfar.federation.config import RunConfig
@@ -27,12 +27,19 @@ def _reply(msg, delta, partition_id, examples=10.0):
 def test_ledger_bytes_are_the_serialized_sizes(tmp_path, task_identity):
     s = _strategy(tmp_path)
     msg = s._messages([7], RecordDict({"part": s._down_part()}), "train")[0]
-    delta = {k: torch.zeros_like(v) for k, v in exchange.select(s.state, s.plan, s.rows).items()
-             if not k.endswith(".rows")}
+    part = exchange.select(s.state, s.plan, s.rows)
+    delta = {k: torch.zeros_like(v) for k, v in part.items() if not k.endswith(".rows")}
     reply = _reply(msg, delta, 0)
     entry = s._ledger_entry(1, "train", msg, reply)
-    assert entry["bytes_down"] == len(message_to_proto(msg).SerializeToString())
-    assert entry["bytes_up"] == len(message_to_proto(reply).SerializeToString())
+    # Payload: 4 bytes an element, float32 weights and (down only) the int32 row indices of the 2 x 16 learners.
+    n_weights = sum(v.numel() for v in delta.values())
+    assert entry["payload_down"] == 4 * (n_weights + 32) and entry["payload_up"] == 4 * n_weights
+    # Whole messages, metadata and framing included, counted by hand from the tensors (see tests/test_deltas.py).
+    down = record_dict_bytes({"part": (2, array_record_bytes(part))})
+    up = record_dict_bytes({"delta": (2, array_record_bytes(delta)),
+                            "metrics": (3, metric_record_bytes({"num-examples": 10.0, "partition-id": 0}))})
+    assert entry["bytes_down"] == message_bytes(msg.metadata, down)
+    assert entry["bytes_up"] == message_bytes(reply.metadata, up)
     assert entry["status"] == "ok" and entry["partition_id"] == 0
     lost = s._ledger_entry(1, "train", msg, None)
     assert lost["status"] == "lost" and lost["bytes_up"] == 0

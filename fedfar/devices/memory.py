@@ -50,13 +50,14 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 def saved_tensor_bytes(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> int:
     """Bytes of the distinct storages autograd saves for backward in one training forward of `batch`."""
-    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    # Parameters and buffers are counted in weights_bytes; a saved slice of one (BERT's position ids) is not new.
+    held = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
         ptr = storage.data_ptr()
-        if ptr not in param_storages and ptr not in seen:
+        if ptr not in held and ptr not in seen:
             seen[ptr] = storage.nbytes()
         return t
 
