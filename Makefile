@@ -26,7 +26,8 @@ bench: $(STAMP)
 
 # Mutation testing of the arithmetic's rooms against the fast tests ([tool.mutmut] in pyproject.toml). Slow (hours
 # on 2 cores; finished mutants are kept when it is restarted), not part of `make test` or CI.
+# The tests run from mutants/, so the shared GLUE folder is named for them.
 mutants: $(STAMP)
-	$(VENV)/bin/mutmut run
+	FEDFAR_GLUE_DIR=$${FEDFAR_GLUE_DIR:-$(CURDIR)/../shared/data/glue} $(VENV)/bin/mutmut run
 	$(VENV)/bin/mutmut export-cicd-stats
 	$(PY) scripts/mutation_score.py

@@ -20,12 +20,17 @@ def main() -> None:
     stats = json.loads(stats_path.read_text())
     killed = int(stats["killed"]) + int(stats["timeout"])
     tested = int(stats["total"]) - int(stats["skipped"])
-    results = subprocess.run([str(Path(sys.executable).parent / "mutmut"), "results"], capture_output=True, text=True).stdout
+    mutmut = str(Path(sys.executable).parent / "mutmut")
+    results = subprocess.run([mutmut, "results"], capture_output=True, text=True).stdout
     survivors = [line.strip() for line in results.splitlines() if line.strip()]
     if survivors:
         print(f"{len(survivors)} mutants not killed (`mutmut show <name>` shows one):")
         print("\n".join(f"  {s}" for s in survivors))
     print(", ".join(f"{k} {v}" for k, v in stats.items() if isinstance(v, int) and v))
+    judged = sum(int(v) for k, v in stats.items() if k != "total" and isinstance(v, int) and not isinstance(v, bool))
+    if judged < int(stats["total"]):  # the run stopped early (e.g. its stats run failed): no score to give
+        raise SystemExit(f"{int(stats['total']) - judged} of {stats['total']} mutants were never checked: "
+                         "run `make mutants` again and read mutmut's output for why it stopped")
     score = 100.0 * killed / tested if tested else 0.0
     print(f"mutation score: {score:.1f}% ({killed} of {tested} killed)")
 
