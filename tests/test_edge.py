@@ -164,3 +164,22 @@ def test_fedfar_run_rejects_a_fleet_below_the_inference_floor_before_starting_fl
     assert exit_info.value.code == 2
     assert "device 'watch': memory budget 2 MiB is below" in capsys.readouterr().err
     assert not process_tree(os.getpid()) - {os.getpid()}  # nothing was started
+
+
+@pytest.mark.parametrize("arg", ["bytes_down", "bytes_up", "train_flops"])
+def test_round_time_rejects_each_negative_input_by_name(arg):
+    from fedfar.devices.clock import round_time
+    from fedfar.devices.profiles import load_catalog
+
+    kw = {"bytes_down": 10, "bytes_up": 10, "train_flops": 1.0, arg: -1}
+    with pytest.raises(ValueError, match=f"{arg}=-1"):
+        round_time(load_catalog()["laptop"], **kw)
+
+
+def test_round_duration_bounds_its_deadline_and_an_empty_round_lasts_nothing():
+    from fedfar.devices.clock import round_duration
+
+    with pytest.raises(ValueError, match="deadline_s must be > 0, got 0"):
+        round_duration([1.0], deadline_s=0)
+    assert round_duration([0.2, 0.7], deadline_s=0.5) == (0.5, [True, False])  # a deadline under 1 s is valid
+    assert round_duration([]) == (0.0, [])
