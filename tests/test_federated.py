@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import mcc_by_hand
 
 from fedfar.federation import exchange
 from fedfar.devices.budget import TrainingShape, peak_bytes
@@ -178,11 +179,7 @@ def test_local_mask_mode_sends_row_indices_and_int8_deltas(runs):
 def _mcc(model, ds_tok, tokenizer) -> float:
     """Matthews correlation of the model's predictions on a tokenized set, from the confusion counts by hand."""
     logits, gold = predict(model, make_loader(ds_tok, tokenizer, 128, shuffle=False))
-    pred = logits.argmax(1)
-    tp, tn = int(((pred == 1) & (gold == 1)).sum()), int(((pred == 0) & (gold == 0)).sum())
-    fp, fn = int(((pred == 1) & (gold == 0)).sum()), int(((pred == 0) & (gold == 1)).sum())
-    den = ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)) ** 0.5
-    return (tp * tn - fp * fn) / den if den else 0.0
+    return mcc_by_hand(logits.argmax(1), gold)
 
 
 def _clock_matches_the_formula(ledger: pd.DataFrame, catalog: dict) -> None:

@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
+from conftest import mcc_by_hand
 
 import fedfar.finetune
 from fedfar.data import default_glue_dir
@@ -17,14 +18,6 @@ pytestmark = [pytest.mark.realdata,
 def _ffn(layer: int) -> tuple[str, str, str]:
     p = f"bert.encoder.layer.{layer}"
     return f"{p}.intermediate.dense.weight", f"{p}.intermediate.dense.bias", f"{p}.output.dense.weight"
-
-
-def _mcc(pred, gold) -> float:
-    """Matthews correlation by hand from the confusion counts (0 when a margin is empty, as sklearn has it)."""
-    tp, tn = int(((pred == 1) & (gold == 1)).sum()), int(((pred == 0) & (gold == 0)).sum())
-    fp, fn = int(((pred == 1) & (gold == 0)).sum()), int(((pred == 0) & (gold == 1)).sum())
-    den = ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)) ** 0.5
-    return (tp * tn - fp * fn) / den if den else 0.0
 
 
 def test_far_finetune_on_cola_writes_an_ordinary_checkpoint_with_frozen_rows_untouched(tmp_path, monkeypatch):
@@ -56,7 +49,7 @@ def test_far_finetune_on_cola_writes_an_ordinary_checkpoint_with_frozen_rows_unt
     # The reported MCC is that of the evaluated predictions over the whole dev set, counted by hand.
     (logits, labels), = evaluated  # one epoch, one evaluation
     assert len(labels) == 1043 and logits.shape == (1043, 2)
-    assert summary["final"]["mcc"] == pytest.approx(_mcc(logits.argmax(1), labels), abs=1e-12)
+    assert summary["final"]["mcc"] == pytest.approx(mcc_by_hand(logits.argmax(1), labels), abs=1e-12)
     assert json.loads((out / "config.json").read_text())["method"] == "far10-emb"
     assert json.loads((out / "metrics.json").read_text())["history"][0] == summary["final"]
 
