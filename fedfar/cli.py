@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="step time and training memory of methods, one model and batch shape",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     b.add_argument("--model", default="random:distilbert-base")
-    b.add_argument("--methods", default="full,far10,far10-emb,far10-attn,random10-emb,bitfit",
+    b.add_argument("--methods", default="full,far10,far10-emb,far10-attn,random10-emb,bitfit,lora8,lora8-all",
                    help="comma-separated; ratios are to the first")
     b.add_argument("--batch-size", type=int, default=16)
     b.add_argument("--seq-len", type=int, default=128)

@@ -63,7 +63,8 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     train_loader = make_loader(tokenize(train_ds, tokenizer, task, cfg.max_length), tokenizer, cfg.batch_size,
                                shuffle=True, seed=cfg.seed)
     dev_loader = make_loader(tokenize(dev_ds, tokenizer, task, cfg.max_length), tokenizer, 128, shuffle=False)
-    model = load_model(cfg.model, task.num_labels, seed=cfg.seed).to(resolve_device(cfg.device))
+    model = spec.attach(load_model(cfg.model, task.num_labels, seed=cfg.seed), cfg.seed)
+    model.to(resolve_device(cfg.device))
     out.mkdir(parents=True, exist_ok=True)  # the run really starts: data and model are loaded
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
@@ -89,7 +90,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     result = train(model, train_loader, spec, cfg.epochs, tcfg, on_step=on_step, on_epoch=on_epoch)
     bar.close()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    spec.merge(model)  # back to the stock layout: save_pretrained writes an ordinary checkpoint
+    spec.export(model)  # the plain transformers model (FAR merged back, LoRA folded in): an ordinary checkpoint
     if cfg.save_model:
         model.save_pretrained(out / "model")
         tokenizer.save_pretrained(out / "model")

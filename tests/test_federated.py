@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import mcc_by_hand
+from transformers import AutoModelForSequenceClassification
 
 from fedfar.federation import exchange
 from fedfar.devices.budget import TrainingShape, peak_bytes
@@ -62,6 +63,7 @@ def runs(tmp_path_factory):
         "again2": _run(tmp, "again2", **{"num-rounds": 2, "fraction-train": 0.5}),
         "local": _run(tmp, "local", **{"mask-mode": "local", "codec": "int8", "num-rounds": 1,
                                         "federated-eval": True, "eval-share": 0.25}),
+        "lora": _run(tmp, "lora", **{"method": "lora4", "num-rounds": 1}),
     }
 
 
@@ -73,7 +75,7 @@ def _payload(cfg: RunConfig, rows: list[list[int]] | None, codec: str = "float32
     """Bytes of array data in a part of this run's plan, built independently of the run from the plan alone and
     counted from the tensors, not by the codec: numel x the codec's element size, int8 with a float32 scale per
     row (a 1-D tensor is one row), row indices as int32 (codecs.py's documented wire layout)."""
-    model = load_model(cfg.model, 2, seed=cfg.seed)
+    model = cfg.spec.attach(load_model(cfg.model, 2, seed=cfg.seed), cfg.seed)
     plan = cfg.spec.exchange_plan(model)
     part = exchange.select(model.state_dict(), plan, [torch.tensor(r, dtype=torch.long) for r in rows] if rows else None)
     size = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}[codec]
@@ -132,6 +134,23 @@ def test_frozen_parameters_of_the_global_model_never_change(runs):
         else:
             assert torch.equal(final[name][:, frozen], before[:, frozen]), name
     assert not torch.equal(final["classifier.weight"], initial["classifier.weight"])
+
+
+def test_lora_sends_adapters_and_head_only_and_saves_a_merged_plain_checkpoint(runs):
+    run = runs["lora"]
+    cfg = _cfg(run)
+    train = pd.read_csv(run / "ledger.csv").query("phase == 'train'")
+    assert len(train) == 2 and (train.status == "ok").all()
+    # rank 4 on query and value of 2 blocks of hidden 128, and the 128 x 2 + 2 head: nothing else travels
+    adapters = 2 * 2 * 4 * (128 + 128) + 258
+    assert _payload(cfg, None) == 4 * adapters
+    assert (train.payload_up == 4 * adapters).all() and (train.payload_down == 4 * adapters).all()
+    initial = load_model(cfg.model, 2, seed=cfg.seed).state_dict()
+    final = AutoModelForSequenceClassification.from_pretrained(run / "model").state_dict()  # plain transformers
+    assert final.keys() == initial.keys()
+    changed = {n for n in initial if not torch.equal(final[n], initial[n])}
+    assert changed == {f"bert.encoder.layer.{i}.attention.self.{p}.weight" for i in range(2) for p in ("query", "value")
+                       } | {"classifier.weight", "classifier.bias"}
 
 
 def test_same_seed_gives_same_partitions_and_same_metrics(runs):

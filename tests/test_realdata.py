@@ -102,3 +102,29 @@ def test_accounted_peak_agrees_with_the_profiled_allocator_on_minilm(method):
     measured = profiled_peak_bytes(model, batch)
     assert measured["resident_bytes"] < accounted  # the step itself must add something
     assert 0.85 < measured["measured_peak_bytes"] / accounted < 1.15
+
+
+def test_lora_finetune_saves_a_merged_checkpoint_that_predicts_what_was_evaluated(tmp_path, monkeypatch):
+    from fedfar.data import get_task, load_glue, make_loader, tokenize
+    from fedfar.train import predict
+    from transformers import AutoTokenizer
+
+    evaluated, real_predict = [], fedfar.finetune.predict
+    monkeypatch.setattr(fedfar.finetune, "predict", lambda m, loader: evaluated.append(real_predict(m, loader))
+                        or evaluated[-1])
+    out = tmp_path / "run"
+    summary = finetune(FinetuneConfig(task="cola", model="minilm", method="lora8", epochs=1, batch_size=16,
+                                      max_train_examples=32, max_length=48, out=str(out)), progress=False)
+    assert summary["trainable_params"] == 6 * 2 * 8 * (384 + 384) + 384 * 2 + 2
+    tuned = AutoModelForSequenceClassification.from_pretrained(out / "model")
+    base = AutoModelForSequenceClassification.from_pretrained(packaged_minilm_path(), num_labels=2).state_dict()
+    changed = {n for n, t in tuned.state_dict().items() if not torch.equal(t, base[n])}
+    assert changed == {f"bert.encoder.layer.{i}.attention.self.{p}.weight" for i in range(6)
+                       for p in ("query", "value")} | {"classifier.weight", "classifier.bias"}
+    # The merged checkpoint, loaded with plain transformers, predicts the dev logits the metric was computed from.
+    task = get_task("cola")
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    loader = make_loader(tokenize(load_glue(task, "dev", default_glue_dir()), tok, task, 48), tok, 128, shuffle=False)
+    logits, _ = predict(tuned, loader)
+    (reported, _), = evaluated
+    assert abs(logits - reported).max() < 1e-4

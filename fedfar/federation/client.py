@@ -35,18 +35,19 @@ from .faults import corrupt, hang_seconds
 
 @dataclass
 class WorkerCache:
-    models: dict = field(default_factory=dict)      # (model ref, num_labels, seed) -> (model, pristine state)
+    models: dict = field(default_factory=dict)      # (model ref, num_labels, seed, method) -> (model, pristine)
     tokenizers: dict = field(default_factory=dict)
     partitions: dict = field(default_factory=dict)  # (...) -> (train tokenized, eval tokenized | None)
     profiles: dict = field(default_factory=dict)    # (fleet and catalog files, node) -> DeviceProfile | None
     plans: dict = field(default_factory=dict)       # (device profile, run shape) -> DevicePlan
 
     def model(self, cfg: RunConfig) -> torch.nn.Module:
-        """The pretrained model, reset to its pristine weights (a device holds the checkpoint)."""
+        """The pretrained model with the method's additions (LoRA's adapters), reset to its pristine weights (a
+        device holds the checkpoint)."""
         task = get_task(cfg.task)
-        key = (cfg.model, task.num_labels, cfg.seed)
+        key = (cfg.model, task.num_labels, cfg.seed, cfg.method)
         if key not in self.models:
-            model = load_model(cfg.model, task.num_labels, seed=cfg.seed)
+            model = cfg.spec.attach(load_model(cfg.model, task.num_labels, seed=cfg.seed), cfg.seed)
             self.models[key] = (model, {k: v.clone() for k, v in model.state_dict().items()})
         model, pristine = self.models[key]
         cfg.spec.merge(model)  # a previous client may have failed mid-round with the model still reconfigured

@@ -32,7 +32,7 @@ def main(grid: Grid, context: Context) -> None:
     folder = RunFolder(Path(cfg.results_dir) / name)
     folder.write_json("config.json", cfg.as_dict())
 
-    model = load_model(cfg.model, task.num_labels, seed=cfg.seed)
+    model = cfg.spec.attach(load_model(cfg.model, task.num_labels, seed=cfg.seed), cfg.seed)
     num_nodes = len(list(grid.get_node_ids()))
     check_fleet(cfg, num_nodes, model)  # a device that cannot even run the model fails the run here, not later
     tokenizer = load_tokenizer(cfg.model)
@@ -61,7 +61,7 @@ def main(grid: Grid, context: Context) -> None:
     if out["devices"]:
         summary.update(device_summary(folder, out["history"], task.primary_metric))
     if cfg.save_model:
-        model.save_pretrained(folder.path / "model")  # stock layout: loads with plain transformers
+        cfg.spec.export(model).save_pretrained(folder.path / "model")  # loads with plain transformers
         tokenizer.save_pretrained(folder.path / "model")
     folder.finish(summary)
     lines = [

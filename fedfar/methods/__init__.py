@@ -2,7 +2,8 @@
 per method, and the registry that reads method strings.
 
 Adding a method: a module (or folder) with a `Method` subclass and one `REGISTRY` line below.
-Method strings: <name>[<number>][-<suffix>], e.g. full, full-emb, bitfit, far10, far40-emb, random10-attn.
+Method strings: <name>[<number>][-<suffix>], e.g. full, full-emb, bitfit, far10, far40-emb, random10-attn, lora8,
+lora8-all.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from .base import POLICIES, ExchangePlan, Method, Policy, PolicyMethod, apply_po
 from .bitfit import BitFit, apply_bitfit
 from .far import FAR, PREACT_STORAGE, NodeSelection, RandomSelection
 from .full import Full
+from .lora import LoRA
 
 
 def _no_number(name: str, number: str | None) -> None:
@@ -41,15 +43,22 @@ def _selection(cls: type[NodeSelection]) -> Callable[[str | None, str | None], M
     return build
 
 
+def _lora(number: str | None, suffix: str | None) -> Method:
+    if number is None or not number.isdigit():
+        raise ValueError(f"lora needs its rank as a whole number, e.g. lora8 or lora8-all; got {number!r}")
+    return LoRA(rank=int(number), targets=suffix or "qv")
+
+
 # method name -> builder from the string's number and suffix
 REGISTRY: dict[str, Callable[[str | None, str | None], Method]] = {
     "full": _full,
     "bitfit": _bitfit,
     "far": _selection(FAR),
     "random": _selection(RandomSelection),
+    "lora": _lora,
 }
-METHOD_HELP = ("full[-emb|-attn], bitfit, far<retention %>[-emb|-attn] or random<retention %>[-emb|-attn], "
-               "e.g. far10-emb")
+METHOD_HELP = ("full[-emb|-attn], bitfit, far<retention %>[-emb|-attn], random<retention %>[-emb|-attn] or "
+               "lora<rank>[-all], e.g. far10-emb or lora8")
 
 
 def parse_method(text: str) -> Method:
@@ -69,5 +78,5 @@ def parse_method(text: str) -> Method:
 __all__ = [
     "ARCHITECTURES", "Layout", "blocks", "layout_of", "POLICIES", "ExchangePlan", "Method", "Policy", "PolicyMethod",
     "apply_policy", "get_policy", "policy_name", "BitFit", "apply_bitfit", "FAR", "PREACT_STORAGE",
-    "NodeSelection", "RandomSelection", "Full", "REGISTRY", "METHOD_HELP", "parse_method",
+    "NodeSelection", "RandomSelection", "Full", "LoRA", "REGISTRY", "METHOD_HELP", "parse_method",
 ]

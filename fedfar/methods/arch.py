@@ -1,7 +1,8 @@
 """Where each BERT-like family keeps its feed-forward (FFN) blocks, embeddings and attention.
 
 FAR only needs to find, for every transformer block, the FFN's first linear (rows = nodes), its activation
-and its second linear (columns = nodes). Families differ only in attribute names, so one table covers them.
+and its second linear (columns = nodes); LoRA, the attention's query and value projections. Families differ only
+in attribute names, so one table covers them.
 """
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ class Layout:
     dropout: str  # the dropout on the FFN output, folded into the split FFN (see layer.py)
     attention: str
     embeddings: str = "embeddings"
+    # the attention's query and value projections (LoRA's default targets); None where a family has no such pair
+    query: str | None = None
+    value: str | None = None
 
 
 _BERT_LIKE = Layout(
@@ -30,6 +34,8 @@ _BERT_LIKE = Layout(
     fc2="output.dense",
     dropout="output.dropout",
     attention="attention",
+    query="attention.self.query",
+    value="attention.self.value",
 )
 
 # model_type (as in config.json) -> layout. MiniLM checkpoints (e.g. all-MiniLM-L6-v2) are model_type "bert".
@@ -41,7 +47,7 @@ ARCHITECTURES: dict[str, Layout] = {
     "electra": _BERT_LIKE,
     "distilbert": Layout(
         layers="transformer.layer", fc1="ffn.lin1", act="ffn.activation", fc2="ffn.lin2", dropout="ffn.dropout",
-        attention="attention",
+        attention="attention", query="attention.q_lin", value="attention.v_lin",
     ),
 }
 

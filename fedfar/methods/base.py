@@ -1,10 +1,14 @@
 """The one interface every fine-tuning method answers, and the freeze policies the methods share.
 
 A method, like a PEFT tuner, says in one place:
+  - `attach(model, seed)` what it adds to the pretrained model for good (LoRA's adapters; nothing for the others):
+                         the pretrained model with its additions is the *stock layout* both sides of a federation keep;
   - `trainable(model)`   what trains, on the stock layout (requires_grad flags);
   - `prepare(model, ...)` how to put a model in its training configuration (FAR splits its FFN blocks here);
   - `exchange_plan(model)` what travels between a device and the server (dense tensors, FFN rows);
-  - `merge(model)`       how to go back to the stock layout, so `save_pretrained` writes an ordinary checkpoint.
+  - `merge(model)`       how to go back from the training configuration to the stock layout;
+  - `export(model)`      how to fold everything into the plain transformers model, so `save_pretrained` writes an
+                         ordinary checkpoint (LoRA merges its adapters into the base weights here).
 Methods are small frozen dataclasses, parsed from strings such as "far10-emb" (`fedfar.methods.parse_method`).
 """
 from __future__ import annotations
@@ -134,6 +138,10 @@ class Method:
         """Share of FFN nodes that learn (None: the method does not select nodes)."""
         return None
 
+    def attach(self, model: nn.Module, seed: int = 0) -> nn.Module:
+        """Add what this method keeps beside the pretrained weights, in place (idempotent); returns `model`."""
+        return model
+
     def trainable(self, model: nn.Module) -> None:
         """Set the requires_grad flags of the stock-layout `model` to what this method trains."""
         raise NotImplementedError
@@ -161,6 +169,10 @@ class Method:
     def merge(self, model: nn.Module) -> nn.Module:
         """Back to the stock layout (a no-op for methods that never leave it)."""
         return model
+
+    def export(self, model: nn.Module) -> nn.Module:
+        """The plain transformers model, in place, ready for `save_pretrained` and for loading without fedfar."""
+        return self.merge(model)
 
 
 @dataclass(frozen=True)
