@@ -273,6 +273,7 @@ def _sent(s, grid, rnd=1):
 def test_server_lr_scales_the_mean_delta(tmp_path, task_identity, server_lr):
     s, before, msg, filled = _round(tmp_path)
     s.cfg = RunConfig(method="far25-emb", model="random:bert-tiny", server_lr=server_lr)
+    s.server_opt = s.cfg.server_optimizer()
     gen = torch.Generator().manual_seed(3)
     d1, d2 = ({k: torch.randn(v.shape, generator=gen) for k, v in filled(0.0).items()} for _ in range(2))
     s.aggregate_train(1, [_reply(msg, d1, 0, 1.0), _reply(msg, d2, 1, 3.0)])
@@ -286,6 +287,22 @@ def test_server_lr_scales_the_mean_delta(tmp_path, task_identity, server_lr):
         torch.testing.assert_close(s.state[w2][:, rows].double(),
                                    before[w2][:, rows].double() + change[f"ffn.{i}.w2"], rtol=1e-6, atol=1e-6)
         assert torch.equal(s.state[w1][32:], before[w1][32:])  # outside both blocks' masks
+
+
+def test_the_strategy_keeps_server_momentum_across_rounds_on_the_rows_it_sent(tmp_path, task_identity):
+    s, before, msg, filled = _round(tmp_path)
+    s.cfg = RunConfig(method="far25-emb", model="random:bert-tiny", server_opt="fedavgm", server_lr=0.5,
+                      server_momentum=0.8)
+    s.server_opt = s.cfg.server_optimizer()
+    s.aggregate_train(1, [_reply(msg, filled(1.0), 0, 1.0), _reply(msg, filled(3.0), 1, 3.0)])  # mean 2.5
+    s.aggregate_train(2, [_reply(msg, filled(-1.0), 0, 1.0)])                                   # mean -1
+    # m1 = 2.5, x += 0.5 * 2.5; m2 = 0.8 * 2.5 - 1 = 1, x += 0.5 * 1: 1.75 in all
+    w1, w2 = s.plan.ffn[0][0], s.plan.ffn[0][2]
+    torch.testing.assert_close(s.state[w1][:16], before[w1][:16] + 1.75)
+    torch.testing.assert_close(s.state["classifier.bias"], before["classifier.bias"] + 1.75)
+    assert torch.equal(s.state[w1][16:], before[w1][16:]) and torch.equal(s.state[w2][:, 16:], before[w2][:, 16:])
+    moments = s.server_opt.state_dict()
+    assert torch.equal(moments[f"{w1}/m"][16:], torch.zeros_like(moments[f"{w1}/m"][16:]))  # never sent: no state
 
 
 # ----------------------------------------------------------------------------------------- the clock

@@ -17,6 +17,7 @@ from ..methods import PREACT_STORAGE, Method, parse_method
 from .codecs import CODECS
 from .exchange import AGGREGATORS
 from .faults import Fault, fault_for, load_faults
+from .server_opt import ServerOptimizer
 
 MASK_MODES = ("global", "local")
 
@@ -46,6 +47,12 @@ class RunConfig:
     federated_eval: bool = False
     eval_share: float = 0.1        # of each partition held out for federated evaluation
     server_lr: float = 1.0
+    # Server optimizer (fedfar.federation.server_opt), applied to what was sent: fedavg | fedavgm | fedadam | fedyogi
+    server_opt: str = "fedavg"
+    server_momentum: float = 0.9   # fedavgm
+    server_beta1: float = 0.9      # fedadam, fedyogi
+    server_beta2: float = 0.99     # fedadam, fedyogi
+    server_tau: float = 1e-3       # fedadam, fedyogi: adaptivity (Reddi et al. 2021)
     seed: int = 0
     results_dir: str = "results/runs"
     run_name: str = ""
@@ -108,7 +115,6 @@ class RunConfig:
              "max-length and shards-per-partition must be positive"),
             (self.max_train_examples >= 0, "max-train-examples must be >= 0 (0 = the whole partition)"),
             (self.dev_examples >= 0, "dev-examples must be >= 0 (0 = the whole dev set)"),
-            (self.server_lr > 0, "server-lr must be positive"),
             (self.aggregator in AGGREGATORS, f"aggregator {self.aggregator!r}: choose one of {', '.join(AGGREGATORS)}"),
             (0 <= self.trim_share < 0.5, "trim-share must be in [0, 0.5)"),
             (self.max_update_norm >= 0, "max-update-norm must be >= 0 (0 = no bound)"),
@@ -117,6 +123,7 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        self.server_optimizer()  # its own checks name the key
         if any(f.kind == "hang" for f in self.fault_list) and not self.round_timeout_s:
             raise ValueError(f"faults {self.faults}: a 'hang' fault never replies: set round-timeout-s (e.g. 60) "
                              "so the round goes on without it")
@@ -127,6 +134,11 @@ class RunConfig:
         if self.data not in ("", "hub") and not Path(self.data).expanduser().is_dir():
             raise FileNotFoundError(f"data folder {self.data} does not exist (classic GLUE layout "
                                     "<dir>/<Task>/train.tsv); use '' for the local default or 'hub'")
+
+    def server_optimizer(self) -> ServerOptimizer:
+        """A fresh server optimizer as configured (its state starts empty)."""
+        return ServerOptimizer(self.server_opt, self.server_lr, self.server_momentum, self.server_beta1,
+                               self.server_beta2, self.server_tau)
 
     @property
     def spec(self) -> Method:
@@ -149,7 +161,8 @@ class RunConfig:
     def label(self) -> str:
         spec = self.spec
         extra = f"-{self.mask_mode}" if spec.primes else ""
-        return f"{spec.label}{extra}-{self.codec}"
+        opt = f"-{self.server_opt}" if self.server_opt != "fedavg" else ""
+        return f"{spec.label}{extra}-{self.codec}{opt}"
 
     def as_dict(self) -> dict[str, Any]:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}

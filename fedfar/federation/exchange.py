@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..methods import ExchangePlan
+from .server_opt import ServerOptimizer
 
 
 def select(state: dict[str, torch.Tensor], plan: ExchangePlan, rows: list[torch.Tensor] | None) -> dict[str, torch.Tensor]:
@@ -135,8 +136,10 @@ def merge_deltas(
     server_lr: float = 1.0,
     aggregator: str = "mean",
     trim: float = 0.1,
+    optimizer: ServerOptimizer | None = None,
 ) -> dict[str, int]:
-    """Add the aggregate of client deltas to the global state in place.
+    """Aggregate client deltas into a pseudo-gradient and add the server optimizer's step to the global state, in
+    place (`optimizer`: fedfar.federation.server_opt; default plain FedAvg at `server_lr`).
 
     `mean` (FedAvg on what was sent): dense tensors weighted by examples over all replies, FFN rows over the
     replies that sent that row. `median` / `trimmed-mean` (drop `trim` of the values at each end): the same
@@ -151,12 +154,24 @@ def merge_deltas(
         return {}
     for part, _ in deltas:
         _check_keys(part, plan)
+    optimizer = optimizer or ServerOptimizer("fedavg", lr=server_lr)
     if aggregator != "mean":
-        return _merge_robust(state, [p for p, _ in deltas], plan, server_lr, aggregator, trim)
+        updates, touched = _aggregate_robust(state, [p for p, _ in deltas], plan, aggregator, trim)
+    else:
+        updates, touched = _aggregate_mean(state, deltas, plan)
+    steps = [(name, index, optimizer.step(name, state[name], index, delta)) for name, index, delta in updates]
+    for name, index, step in steps:  # every step computed before any is written: all at once or not at all
+        state[name][index] += step  # only coordinates someone sent: the rest stay bit-identical
+    return touched
+
+
+def _aggregate_mean(state: dict[str, torch.Tensor], deltas: list[tuple[dict[str, torch.Tensor], float]],
+                    plan: ExchangePlan) -> tuple[list[tuple[str, object, torch.Tensor]], dict[str, int]]:
+    """FedAvg's weighted mean: (name, index, aggregate at index) per tensor, and rows updated per block."""
     updates: list[tuple[str, object, torch.Tensor]] = []
     total = sum(w for _, w in deltas)
     for n in plan.dense:
-        updates.append((n, ..., server_lr * sum(w * part[n].to(state[n].dtype) for part, w in deltas) / total))
+        updates.append((n, ..., sum(w * part[n].to(state[n].dtype) for part, w in deltas) / total))
     touched = {}
     for i, (w1, b1, w2) in enumerate(plan.ffn):
         d_ff = state[w1].shape[0]
@@ -172,24 +187,22 @@ def merge_deltas(
                 acc_b1[idx] += w * part[f"ffn.{i}.b1"].double()
             acc_w2[:, idx] += w * part[f"ffn.{i}.w2"].double()
         sent = weight > 0
-        scale = torch.where(sent, server_lr / weight.clamp_min(1e-300), torch.zeros_like(weight))
+        scale = torch.where(sent, 1.0 / weight.clamp_min(1e-300), torch.zeros_like(weight))
         updates.append((w1, sent, (acc_w1[sent] * scale[sent, None]).to(state[w1].dtype)))
         if b1:
             updates.append((b1, sent, (acc_b1[sent] * scale[sent]).to(state[b1].dtype)))
         updates.append((w2, (slice(None), sent), (acc_w2[:, sent] * scale[None, sent]).to(state[w2].dtype)))
         touched[i] = int(sent.sum())
-    for name, index, value in updates:
-        state[name][index] += value
-    return touched
+    return updates, touched
 
 
-def _merge_robust(state: dict[str, torch.Tensor], parts: list[dict[str, torch.Tensor]], plan: ExchangePlan,
-                  server_lr: float, how: str, trim: float) -> dict[str, int]:
+def _aggregate_robust(state: dict[str, torch.Tensor], parts: list[dict[str, torch.Tensor]], plan: ExchangePlan,
+                      how: str, trim: float) -> tuple[list[tuple[str, object, torch.Tensor]], dict[str, int]]:
     """Median / trimmed mean: each client's rows go into a NaN-filled stack (NaN = not sent), then `_robust`."""
-    updates: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+    updates: list[tuple[str, object, torch.Tensor]] = []
     for n in plan.dense:
         stat, sent = _robust(torch.stack([p[n].to(state[n].dtype) for p in parts]), how, trim)
-        updates.append((n, sent, server_lr * stat[sent]))
+        updates.append((n, sent, stat[sent]))
     touched = {}
     for i, (w1, b1, w2) in enumerate(plan.ffn):
         rows_sent = torch.zeros(state[w1].shape[0], dtype=torch.bool)
@@ -204,8 +217,6 @@ def _merge_robust(state: dict[str, torch.Tensor], parts: list[dict[str, torch.Te
                 stacks[b1][c, idx] = part[f"ffn.{i}.b1"].to(state[b1].dtype)
         for name, stack in stacks.items():
             stat, sent = _robust(stack, how, trim)
-            updates.append((name, sent, server_lr * stat[sent]))
+            updates.append((name, sent, stat[sent]))
         touched[i] = int(rows_sent.sum())
-    for name, sent, value in updates:
-        state[name][sent] += value  # only coordinates someone sent: the rest stay bit-identical
-    return touched
+    return updates, touched

@@ -40,6 +40,7 @@ class FedFar(Strategy):
         self.model = model
         self.state = model.state_dict()  # live tensors: merging into it updates the model the server evaluates
         self.plan = self.spec.exchange_plan(model)
+        self.server_opt = cfg.server_optimizer()  # moments per tensor, updated only where something was sent
         self.folder = folder
         self.evaluate_fn = evaluate_fn
         self.rng = random.Random(cfg.seed)
@@ -248,8 +249,8 @@ class FedFar(Strategy):
             return 0.0
         full_rows = [torch.arange(d) for d in self.sizes] if self.plan.sliced else None
         before = exchange.select(self.state, self.plan, full_rows)
-        exchange.merge_deltas(self.state, accepted, self.plan, self.cfg.server_lr, self.cfg.aggregator,
-                              self.cfg.trim_share)
+        exchange.merge_deltas(self.state, accepted, self.plan, aggregator=self.cfg.aggregator,
+                              trim=self.cfg.trim_share, optimizer=self.server_opt)
         after = exchange.select(self.state, self.plan, full_rows)
         if self.plan.sliced and self.cfg.mask_mode == "local":
             for i in range(len(self.rows)):
