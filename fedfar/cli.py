@@ -69,6 +69,20 @@ def _run(args: argparse.Namespace) -> None:
         if not sep:
             raise ValueError(f"--set {item!r}: write KEY=VALUE, e.g. --set num-rounds=2")
         overrides[key.strip()] = _parse_value(value.strip())
+    if args.resume:  # the run's own config and node count, from its folder
+        from .federation import checkpoint
+
+        if overrides or args.config_given:
+            raise ValueError("--resume continues a run exactly as it was configured: drop the config file and --set")
+        folder = Path(args.resume).expanduser().resolve()
+        meta_round = checkpoint.latest_round(folder)
+        if meta_round is None or not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"--resume {args.resume}: no checkpoint/latest.json and config.json there: "
+                                    "the run stopped before its first round was saved, or it is not a run folder")
+        overrides = {**json.loads((folder / "config.json").read_text()), "resume": str(folder)}
+        args.config = None
+        args.supernodes = json.loads((folder / "checkpoint" / "latest.json").read_text())["num_nodes"]
+        print(f"fedfar run: resuming {folder} after round {meta_round}, {args.supernodes} supernodes")
     # Validate the whole run config here, before a SuperLink or Ray starts.
     values = run_config_values(args.config, overrides)
     for key in ("fleet", "device-catalog", "faults"):  # the app runs in the project directory: absolute paths
@@ -91,11 +105,13 @@ def _run(args: argparse.Namespace) -> None:
         check_fleet(cfg, args.supernodes, load_model(cfg.model, get_task(cfg.task).num_labels, seed=cfg.seed))
     name = cfg.run_name or f"{cfg.task}-{cfg.label}-{datetime.now():%Y%m%d-%H%M%S}"
     overrides["run-name"] = name
+    if not args.resume:
+        overrides["resume"] = ""  # a config file cannot make a fresh run continue an old one by accident
     t0 = time.perf_counter()
     code = run_simulation(args.config, args.supernodes, args.cpus_per_client, overrides,
                           gpus_per_client=args.gpus_per_client)
     wall = time.perf_counter() - t0
-    folder = Path(PROJECT_DIR) / cfg.results_dir / name
+    folder = Path(cfg.resume) if cfg.resume else Path(PROJECT_DIR) / cfg.results_dir / name
     summary_path = folder / "summary.json"
     if code != 0 or not summary_path.exists():
         print(f"fedfar run: the run did not complete (exit {code}); partial results, if any: {folder}; "
@@ -179,13 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="a federated simulation of the Flower app (Ray), with its summary",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    r.add_argument("config", nargs="?", default="configs/quickstart.toml", help="run-config TOML")
+    r.add_argument("config", nargs="?", default=None, help="run-config TOML (default configs/quickstart.toml)")
     r.add_argument("--supernodes", type=int, default=6, help="simulated devices (= data partitions)")
     r.add_argument("--cpus-per-client", type=int, default=1, help="Ray CPUs per ClientApp (whole number)")
     r.add_argument("--gpus-per-client", type=float, default=0.0,
                    help="Ray GPU share per ClientApp (e.g. 0.25: four clients per GPU); needs --set device=cuda")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a run-config key, e.g. --set num-rounds=2 (repeatable)")
+    r.add_argument("--resume", default="", metavar="RUN_FOLDER",
+                   help="continue a run from its last complete round (its own config and node count)")
     r.set_defaults(func=_run)
     return p
 
@@ -193,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
+    if args.command == "run":
+        args.config_given = args.config is not None
+        if args.config is None and not args.resume:
+            args.config = "configs/quickstart.toml"
     from .models import quiet_libraries
 
     quiet_libraries()  # our own progress bars say what is happening; the libraries' per-file bars bury them

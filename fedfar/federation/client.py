@@ -233,11 +233,13 @@ class Job:
         return _records({"num-examples": 0, "partition-id": self.partition_id},
                         {**outcome.figures, "status": outcome.status})
 
-    def _prime(self, shape: TrainingShape | None, budget: int | None) -> tuple[list[torch.Tensor], float]:
-        """Priming's node scores and the FLOPs it took."""
+    def _prime(self, shape: TrainingShape | None, budget: int | None, loader=None,
+               seed: int | None = None) -> tuple[list[torch.Tensor], float]:
+        """Priming's node scores and the FLOPs it took (on this message's loader and seed unless given)."""
+        loader = self.loader if loader is None else loader
         with count_flops() as counter:
-            scores = prime_scores(self.model, self.loader, priming_steps(self.cfg, len(self.loader)), self.cfg,
-                                  self.seed, shape, budget)
+            scores = prime_scores(self.model, loader, priming_steps(self.cfg, len(loader)), self.cfg,
+                                  self.seed if seed is None else seed, shape, budget)
         return scores, float(counter.get_total_flops())
 
     def prime(self) -> RecordDict:
@@ -257,14 +259,22 @@ class Job:
         and kept in the node's state. Returns (learners, FLOPs spent choosing them now, outcome)."""
         flops = 0.0
         if "learners" not in state:
+            # The device's learners depend on (seed, partition) only, not on the round it first trains in, and
+            # priming draws from its own generator: a resumed run, whose nodes start with empty state, chooses
+            # the same learners and trains on the same random stream.
+            seed = self.cfg.seed + 7919 * self.partition_id
             if method.primes:
-                outcome = self.device.run("prime", self._prime)
+                loader = make_loader(self.loader.dataset, CACHE.tokenizer(self.cfg), self.cfg.batch_size,
+                                     shuffle=True, seed=seed)
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    outcome = self.device.run("prime", lambda shape, budget: self._prime(shape, budget, loader, seed))
                 if not outcome.ok:
                     return None, 0.0, outcome
                 scores, flops = outcome.value
                 learners = select_learners(scores, method.retention)
             else:
-                learners = method.initial_learners(self.model, self.seed)
+                learners = method.initial_learners(self.model, seed)
             state["learners"] = encode({str(i): rows for i, rows in enumerate(learners)})
         stored = decode(state["learners"])
         return [stored[str(i)].long() for i in range(len(stored))], flops, Outcome("ok")

@@ -69,6 +69,7 @@ class RunConfig:
     max_update_norm: float = 0.0   # reject a client update whose L2 norm exceeds this; 0 = no bound
     round_timeout_s: float = 0.0   # stop waiting for a round's replies after this many seconds (late = lost); 0 = none
     faults: str = ""               # fault-injection TOML ([[fault]] partition, rounds, kind); "" = none
+    resume: str = ""               # a run folder to continue from its last checkpoint (`fedfar run --resume DIR`)
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> "RunConfig":
@@ -131,6 +132,9 @@ class RunConfig:
             if path and not Path(path).expanduser().is_file():
                 raise FileNotFoundError(f"{key} {path!r}: no such file (paths are relative to the directory the "
                                         "run starts in, e.g. configs/fleets/mixed_edge.toml)")
+        if self.resume and not (Path(self.resume) / "checkpoint" / "latest.json").is_file():
+            raise FileNotFoundError(f"resume {self.resume!r}: no checkpoint/latest.json there: the run stopped "
+                                    "before its first round was saved, or it is not a fedfar run folder")
         if self.data not in ("", "hub") and not Path(self.data).expanduser().is_dir():
             raise FileNotFoundError(f"data folder {self.data} does not exist (classic GLUE layout "
                                     "<dir>/<Task>/train.tsv); use '' for the local default or 'hub'")

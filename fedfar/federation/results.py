@@ -30,6 +30,20 @@ class RunFolder:
     def append_ledger(self, rows: list[dict]) -> None:
         self._append("ledger.jsonl", rows)
 
+    def keep_rounds(self, last: int) -> None:
+        """Drop the rows of rounds after `last` from the round log and the ledger (a resumed run redoes them)."""
+        import os
+
+        for name in ("rounds.jsonl", "ledger.jsonl"):
+            path = self.path / name
+            if not path.exists():
+                continue
+            kept = [line for line in path.read_text().splitlines(keepends=True)
+                    if line.strip() and json.loads(line)["round"] <= last]
+            tmp = path.with_name(name + ".tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, path)
+
     def write_mask(self, rows, sizes) -> None:
         self.write_json("mask.json", {"ffn_sizes": sizes, "learners": [r.tolist() for r in rows]})
 

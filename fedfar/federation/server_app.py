@@ -1,6 +1,7 @@
 """Flower ServerApp: global model, server-side dev evaluation, the FedFar strategy, the results folder. Thin."""
 from __future__ import annotations
 
+import json
 import time
 from datetime import datetime
 from pathlib import Path
@@ -14,6 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 from ..data import get_task, load_glue, partition_summary, tokenize
 from ..devices.device import check_fleet
 from ..models import load_model, load_tokenizer, quiet_libraries
+from . import checkpoint
 from .client import evaluate
 from .config import RunConfig
 from .results import RunFolder, device_summary
@@ -28,9 +30,16 @@ def main(grid: Grid, context: Context) -> None:
     t_start = time.perf_counter()
     cfg = RunConfig.from_flower(context.run_config)  # validated once, before any compute
     task = get_task(cfg.task)
-    name = cfg.run_name or f"{task.name}-{cfg.label}-{datetime.now():%Y%m%d-%H%M%S}"
-    folder = RunFolder(Path(cfg.results_dir) / name)
-    folder.write_json("config.json", cfg.as_dict())
+    resume = None
+    if cfg.resume:  # the same run, continued: its folder, its config, its checkpoint
+        folder = RunFolder(cfg.resume)
+        check_same_run(folder, cfg)
+        resume = checkpoint.load(folder.path)
+        name = folder.path.name
+    else:
+        name = cfg.run_name or f"{task.name}-{cfg.label}-{datetime.now():%Y%m%d-%H%M%S}"
+        folder = RunFolder(Path(cfg.results_dir) / name)
+        folder.write_json("config.json", cfg.as_dict())
 
     model = cfg.spec.attach(load_model(cfg.model, task.num_labels, seed=cfg.seed), cfg.seed)
     num_nodes = len(list(grid.get_node_ids()))
@@ -46,9 +55,9 @@ def main(grid: Grid, context: Context) -> None:
                                                               if k != "scheme"}))
     strategy = FedFar(cfg, model, folder, evaluate_fn=lambda: evaluate(model, dev_tok, tokenizer, task))
     setup_s = time.perf_counter() - t_start
-    out = strategy.run(grid)
+    out = strategy.run(grid, resume)
 
-    wall = time.perf_counter() - t_start
+    wall = out["wall_before_s"] + time.perf_counter() - t_start
     final = out["history"][-1]
     ledger_up = final["mb_up"]
     summary = {
@@ -79,3 +88,14 @@ def main(grid: Grid, context: Context) -> None:
     ]
     for line in lines:
         log(INFO, line)
+
+
+def check_same_run(folder: RunFolder, cfg: RunConfig) -> None:
+    """A resumed run must be the run that was checkpointed: every run-config key as it was (but `resume`)."""
+    stored = json.loads((folder.path / "config.json").read_text())
+    now = cfg.as_dict()
+    changed = sorted(k for k in set(stored) | set(now) if k != "resume" and stored.get(k) != now.get(k))
+    if changed:
+        raise ValueError(f"resume {folder.path}: the run config differs from the checkpointed run's in "
+                         f"{', '.join(f'{k} ({stored.get(k)!r} -> {now.get(k)!r})' for k in changed[:5])}; "
+                         "resume with the run's own config (fedfar run --resume DIR reads it from config.json)")

@@ -25,7 +25,8 @@ from ..devices.clock import available, clock_round
 from ..devices.device import profile_from_record
 from ..devices.profiles import DeviceProfile
 from ..methods.far import ffn_sizes, select_learners
-from . import exchange
+from . import checkpoint, exchange
+from .checkpoint import rng_state, set_rng_state
 from .codecs import decode, encode, payload_nbytes, serialized_nbytes
 from .config import RunConfig
 from .results import RunFolder
@@ -116,8 +117,9 @@ class FedFar(Strategy):
         return [(m, replies.get(m.metadata.dst_node_id)) for m in messages]
 
     # ----------------------------------------------------------------------------------------- devices
-    def register(self, grid: Grid) -> None:
-        """Ask every node which partition and which device it is. Devices are simulated when nodes have one."""
+    def register(self, grid: Grid, record: bool = True) -> None:
+        """Ask every node which partition and which device it is. Devices are simulated when nodes have one.
+        `record=False` (a resumed run) keeps the registration out of the ledger, which already has it."""
         nodes = sorted(grid.get_node_ids())
         messages = self._messages(nodes, RecordDict({"config": ConfigRecord({"server-round": 0})}), "query.register")
         entries = []
@@ -131,7 +133,8 @@ class FedFar(Strategy):
                         self.profiles[msg_out.metadata.dst_node_id] = profile
                 except (KeyError, ValueError, TypeError) as err:
                     entry.update(status="error", error=f"malformed registration: {err}"[:300])
-        self.folder.append_ledger(entries)
+        if record:
+            self.folder.append_ledger(entries)
         bad = [e for e in entries if e["status"] != "ok"]
         if bad:
             raise RuntimeError(f"{len(bad)} of {len(entries)} nodes failed to register: {bad[0]['error']}")
@@ -328,22 +331,55 @@ class FedFar(Strategy):
             entry["error"] = str(device["status"])
         return entry
 
-    def run(self, grid: Grid) -> dict:
-        """Register, priming (if any), then `num_rounds` of train / aggregate / evaluate, with the ledger."""
+    # ----------------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, rnd: int, history: list[dict], mb_up: float, mb_down: float, wall_s: float) -> None:
+        """Everything the server needs to continue after round `rnd` (fedfar.federation.checkpoint)."""
+        checkpoint.save(self.folder.path, rnd, self.state, self.server_opt.state_dict(), {
+            "num_nodes": len(self.partition_of), "rows": [r.tolist() for r in self.rows] if self.rows else None,
+            "rng": rng_state(self.rng), "avail_rng": rng_state(self.avail_rng), "sim_time": self.sim_time,
+            "mb_up": mb_up, "mb_down": mb_down, "history": history, "busy": self.busy, "wall_s": wall_s})
+
+    def restore(self, ckpt: checkpoint.Checkpoint) -> tuple[list[dict], float, float, float]:
+        """Put the server back where checkpoint `ckpt` left it; drop rows of rounds after it from the run folder.
+        Returns (history, MB up, MB down, wall seconds so far)."""
+        meta = ckpt.meta
+        if len(self.partition_of) != meta["num_nodes"]:
+            raise RuntimeError(f"the run was checkpointed with {meta['num_nodes']} nodes and resumes with "
+                               f"{len(self.partition_of)}: resume with --supernodes {meta['num_nodes']}")
+        with torch.no_grad():
+            for name, value in ckpt.state.items():
+                self.state[name].copy_(value)
+        self.server_opt.load_state_dict(ckpt.optimizer)
+        self.rows = [torch.tensor(r, dtype=torch.long) for r in meta["rows"]] if meta["rows"] else self.rows
+        set_rng_state(self.rng, meta["rng"])
+        set_rng_state(self.avail_rng, meta["avail_rng"])
+        self.sim_time, self.busy = meta["sim_time"], [tuple(b) for b in meta["busy"]]
+        self.folder.keep_rounds(ckpt.round)
+        log(INFO, "resumed after round %d of %d", ckpt.round, self.cfg.num_rounds)
+        return meta["history"], meta["mb_up"], meta["mb_down"], meta["wall_s"]
+
+    def run(self, grid: Grid, resume: checkpoint.Checkpoint | None = None) -> dict:
+        """Register, priming (if any), then `num_rounds` of train / aggregate / evaluate, with the ledger and a
+        checkpoint after every round. `resume`: continue after the checkpoint's round instead."""
         self.summary()
         t_run = time.perf_counter()
-        self.register(grid)
-        self.choose_global_mask(grid)
-        history = []
-        t_eval = time.time()
-        base = self.evaluate_fn()
-        self.busy.append((t_eval, time.time()))
-        history.append({"round": 0, **base, "mb_up": 0.0, "mb_down": 0.0, "wall_s": time.perf_counter() - t_run,
-                        **({"sim_time_s": self.sim_time} if self.profiles else {})})
-        self.folder.append_round(history[-1])
-        mb_up = mb_down = 0.0
+        self.register(grid, record=resume is None)
+        if resume is None:
+            self.choose_global_mask(grid)
+            history, wall_before = [], 0.0
+            t_eval = time.time()
+            base = self.evaluate_fn()
+            self.busy.append((t_eval, time.time()))
+            history.append({"round": 0, **base, "mb_up": 0.0, "mb_down": 0.0, "wall_s": time.perf_counter() - t_run,
+                            **({"sim_time_s": self.sim_time} if self.profiles else {})})
+            self.folder.append_round(history[-1])
+            mb_up = mb_down = 0.0
+            self.save_checkpoint(0, history, mb_up, mb_down, history[-1]["wall_s"])
+        else:
+            history, mb_up, mb_down, wall_before = self.restore(resume)
+        first = len(history)
         t_rounds = time.perf_counter()
-        for rnd in range(1, self.cfg.num_rounds + 1):
+        for rnd in range(first, self.cfg.num_rounds + 1):
             messages = list(self.configure_train(rnd, ArrayRecord(), ConfigRecord(), grid))
             t_send = time.perf_counter()
             self.dropped.clear()
@@ -379,7 +415,7 @@ class FedFar(Strategy):
             mb_up, mb_down = mb_up + up, mb_down + down
             ok = sum(e["status"] == "ok" for e in entries)
             row = {"round": rnd, **metrics, "clients": len(entries), "clients_ok": ok, "mb_up": mb_up,
-                   "mb_down": mb_down, "round_wait_s": wait, "wall_s": time.perf_counter() - t_run,
+                   "mb_down": mb_down, "round_wait_s": wait, "wall_s": wall_before + time.perf_counter() - t_run,
                    "update_norm": update_norm, "clients_rejected": len(rejected),
                    "clients_lost": sum(e["status"] in ("lost", "error") for e in entries)}
             if sim_round is not None:
@@ -391,14 +427,15 @@ class FedFar(Strategy):
             history.append(row)
             self.folder.append_ledger(entries)
             self.folder.append_round(row)
+            self.save_checkpoint(rnd, history, mb_up, mb_down, row["wall_s"])
             sim = (f" | simulated round {sim_round:.0f} s, total {self.sim_time / 60:.1f} min"
                    if sim_round is not None else "")
-            left = (time.perf_counter() - t_rounds) / rnd * (self.cfg.num_rounds - rnd)
+            left = (time.perf_counter() - t_rounds) / (rnd - first + 1) * (self.cfg.num_rounds - rnd)
             log(INFO, "[round %d/%d] %d/%d clients ok | %s | up %.2f MB, down %.2f MB (cumulative %.2f / %.2f) | "
                 "%.0f s%s | about %.1f min left", rnd, self.cfg.num_rounds, ok, len(entries),
                 ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), up, down, mb_up, mb_down, wait, sim, left / 60)
-        return {"history": history, "wall_s": time.perf_counter() - t_run, "busy_s": union_seconds(self.busy),
-                "devices": bool(self.profiles)}
+        return {"history": history, "wall_s": wall_before + time.perf_counter() - t_run,
+                "busy_s": union_seconds(self.busy), "devices": bool(self.profiles), "wall_before_s": wall_before}
 
 
 def error_reason(text: str, limit: int = 300) -> str:
