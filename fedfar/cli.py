@@ -109,7 +109,7 @@ def _run(args: argparse.Namespace) -> None:
         overrides["resume"] = ""  # a config file cannot make a fresh run continue an old one by accident
     t0 = time.perf_counter()
     code = run_simulation(args.config, args.supernodes, args.cpus_per_client, overrides,
-                          gpus_per_client=args.gpus_per_client)
+                          gpus_per_client=args.gpus_per_client, ray_address=args.ray_address)
     wall = time.perf_counter() - t0
     folder = Path(cfg.resume) if cfg.resume else Path(PROJECT_DIR) / cfg.results_dir / name
     summary_path = folder / "summary.json"
@@ -202,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Ray GPU share per ClientApp (e.g. 0.25: four clients per GPU); needs --set device=cuda")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a run-config key, e.g. --set num-rounds=2 (repeatable)")
+    r.add_argument("--ray-address", default="", metavar="HOST:PORT",
+                   help="run the clients on an existing Ray cluster (its head's address) instead of a local Ray")
     r.add_argument("--resume", default="", metavar="RUN_FOLDER",
                    help="continue a run from its last complete round (its own config and node count)")
     r.set_defaults(func=_run)

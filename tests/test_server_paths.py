@@ -329,3 +329,25 @@ def test_the_round_deadline_is_inclusive_and_out_of_memory_is_not_late(tmp_path,
     assert s.clock(entries) == 3.0 and s.sim_time == 3.0  # the round ends at the deadline
     assert [e["sim_total_s"] for e in entries] == [3.0, 4.0, 5.0]
     assert [e["status"] for e in entries] == ["ok", "late", "oom"]
+
+
+def test_a_seeded_priming_cohort_primes_and_the_rest_of_the_fleet_does_not(tmp_path, task_identity):
+    scores = [_block([(0, 16, 1.0)]), _block([(0, 16, 1.0)])]
+    handlers = {node: (lambda pid: lambda m: _scores_reply(m, scores, 8, pid))(node - 100) for node in range(100, 106)}
+    cohorts = []
+    for run in ("a", "b"):
+        s = _server(tmp_path / run, priming_clients=2)
+        s.partition_of = {node: node - 100 for node in handlers}
+        before = s.rng.getstate()
+        grid = _Grid(handlers)
+        s.choose_global_mask(grid)
+        assert s.rng.getstate() == before  # the training rounds' sampler is untouched
+        primed = sorted(m.metadata.dst_node_id - 100 for m in grid.pushed)
+        assert len(primed) == 2 and [e["partition_id"] for e in _ledger(tmp_path / run, "prime")] == primed
+        assert json.loads((tmp_path / run / "mask.json").read_text())["primed_partitions"] == primed
+        cohorts.append(primed)
+    assert cohorts[0] == cohorts[1]  # seeded: the same cohort run after run
+    big = _server(tmp_path / "c", priming_clients=6)
+    grid = _Grid(handlers)
+    big.choose_global_mask(grid)
+    assert len(grid.pushed) == 6  # a cohort as large as the fleet: everyone primes

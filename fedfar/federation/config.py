@@ -37,6 +37,7 @@ class RunConfig:
     lr: float = 5e-5
     max_length: int = 64
     priming_share: float = 0.01    # of a client's local steps over the whole run (at least one step)
+    priming_clients: int = 16      # global mask: how many (seeded sample of the available) clients prime in round 0
     preact_storage: str = "bfloat16"
     partitioner: str = "iid"
     alpha: float = 0.5
@@ -109,6 +110,7 @@ class RunConfig:
             (self.alpha > 0, "alpha (Dirichlet concentration) must be positive"),
             (0 <= self.eval_share < 1, "eval-share must be in [0, 1)"),
             (0 < self.priming_share <= 1, "priming-share must be in (0, 1]"),
+            (self.priming_clients >= 1, "priming-clients must be >= 1 (clients that prime in round 0)"),
             (self.oom_policy in PLAN_POLICIES, f"oom-policy {self.oom_policy!r}: choose {' or '.join(PLAN_POLICIES)}"),
             (self.deadline_s >= 0, "deadline-s must be >= 0 (0 = no deadline)"),
             (self.device in DEVICES, f"device {self.device!r}: choose {' or '.join(DEVICES)}"),

@@ -325,12 +325,14 @@ def run_config_args(config: Path | None, overrides: Mapping[str, object] | None,
 
 def run_simulation(config: str | Path | None, num_supernodes: int, cpus_per_client: float = 1.0,
                    overrides: dict[str, object] | None = None, project_dir: Path = PROJECT_DIR,
-                   stream: bool = True, gpus_per_client: float = 0.0) -> int:
+                   stream: bool = True, gpus_per_client: float = 0.0, ray_address: str = "") -> int:
     """Run the Flower app as a local Ray simulation and return 0 only if the run completed.
 
     `config`: a run-config TOML (None = pyproject defaults); `overrides`: run-config keys on top of it.
     `cpus_per_client`: Ray CPUs per ClientApp; Flower 1.41 accepts whole numbers only. `gpus_per_client`: Ray's
-    GPU share per ClientApp (0: clients see no GPU), for runs with device = "cuda".
+    GPU share per ClientApp (0: clients see no GPU), for runs with device = "cuda". `ray_address`: run the
+    ClientApps on an existing Ray cluster (`<head ip>:<port>`, what `ray start --head` printed) instead of a
+    Ray instance of their own; it reaches Flower's Ray backend as RAY_ADDRESS.
     `stream=False` keeps flwr's output off stdout; it is always in .flwr/local-superlink/flwr-run.log.
     Returns flwr's exit code if it failed, else 0/1 from the run's final status (see `flwr_run`).
     Every process started here (SuperLink, superexec, flwr-simulation, Ray) is stopped before returning.
@@ -346,6 +348,8 @@ def run_simulation(config: str | Path | None, num_supernodes: int, cpus_per_clie
         raise ValueError(f"gpus_per_client must be >= 0, got {gpus_per_client}")
     run_config = run_config_args(config_path, overrides, project_dir)
     env = flower_env(project_dir)
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
     federation = f"num-supernodes={int(num_supernodes)} client-resources-num-cpus={int(cpus_per_client)}"
     if gpus_per_client:
         federation += f" client-resources-num-gpus={float(gpus_per_client)}"

@@ -44,8 +44,10 @@ class RunFolder:
             tmp.write_text("".join(kept))
             os.replace(tmp, path)
 
-    def write_mask(self, rows, sizes) -> None:
-        self.write_json("mask.json", {"ffn_sizes": sizes, "learners": [r.tolist() for r in rows]})
+    def write_mask(self, rows, sizes, primed: list[int] | None = None) -> None:
+        """The global mask, and the partitions whose scores chose it."""
+        self.write_json("mask.json", {"ffn_sizes": sizes, "learners": [r.tolist() for r in rows],
+                                      **({"primed_partitions": primed} if primed is not None else {})})
 
     def finish(self, summary: dict) -> None:
         """CSV copies with cumulative byte totals, the summary and the plots."""

@@ -159,7 +159,7 @@ class FedFar(Strategy):
             self.rows = self.spec.initial_learners(self.model, self.cfg.seed)
             return
         content = RecordDict({"config": ConfigRecord({"server-round": 0})})
-        messages = self._messages(self._available(self._nodes(grid)), content, "train.prime")
+        messages = self._messages(self._priming_cohort(grid), content, "train.prime")
         scores, total, rows, answered = [torch.zeros(d, dtype=torch.float64) for d in self.sizes], 0.0, [], []
         pairs = self._send(grid, messages, "priming")
         for msg_out, reply in pairs:
@@ -181,9 +181,19 @@ class FedFar(Strategy):
         if total == 0:
             raise RuntimeError("no client answered the priming round with valid scores: cannot choose learners")
         self.rows = select_learners([s / total for s in scores], self.spec.retention)
-        self.folder.write_mask(self.rows, self.sizes)
+        self.folder.write_mask(self.rows, self.sizes, primed=sorted(a[0] for a in answered))
         log(INFO, "priming: %d/%d clients scored FFN nodes; kept %d of %d nodes per block",
             sum(e["status"] == "ok" for e in rows), len(rows), self.rows[0].numel(), self.sizes[0])
+
+    def _priming_cohort(self, grid: Grid) -> list[int]:
+        """The nodes that prime: a seeded sample of `priming-clients` among the available ones (all of them in a
+        smaller fleet), so round 0 does not grow with the fleet. Its own generator: the cohort does not shift
+        which clients the training rounds sample."""
+        nodes = self._available(self._nodes(grid))
+        if len(nodes) <= self.cfg.priming_clients:
+            return nodes
+        chosen = set(random.Random(self.cfg.seed + 2).sample(nodes, self.cfg.priming_clients))
+        return [n for n in nodes if n in chosen]
 
     # ----------------------------------------------------------------------------------------- Strategy API
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
