@@ -124,7 +124,8 @@ def test_lora_finetune_saves_a_merged_checkpoint_that_predicts_what_was_evaluate
     # The merged checkpoint, loaded with plain transformers, predicts the dev logits the metric was computed from.
     task = get_task("cola")
     tok = AutoTokenizer.from_pretrained(out / "model")
-    loader = make_loader(tokenize(load_glue(task, "dev", default_glue_dir()), tok, task, 48), tok, 128, shuffle=False)
+    dev = load_glue(task, task.dev_splits[0], default_glue_dir())
+    loader = make_loader(tokenize(dev, tok, task, 48), tok, 128, shuffle=False)
     logits, _ = predict(tuned, loader)
     (reported, _), = evaluated
     assert abs(logits - reported).max() < 1e-4
