@@ -349,6 +349,15 @@ def make_loader(
     )
 
 
+def reshuffled(loader, seed: int):
+    """The same data and batching, shuffled from `seed` (anything but a DataLoader, e.g. a fixed list of batches,
+    is returned as it is)."""
+    if not isinstance(loader, DataLoader):
+        return loader
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=True,
+                      generator=torch.Generator().manual_seed(seed), collate_fn=loader.collate_fn)
+
+
 # --------------------------------------------------------------------------------------
 # Federated partitioning
 # --------------------------------------------------------------------------------------

@@ -230,7 +230,7 @@ def test_method_spec_parsing_and_errors():
     assert parse_method("far10-attn").label == "far10-attn"
     assert parse_method("bitfit").name == "bitfit"
     with pytest.raises(ValueError, match="far<retention"):
-        parse_method("lora8")
+        parse_method("prefix8")
     with pytest.raises(ValueError, match="freeze policy"):
         FAR(retention=0.1, policy="frozen-everything")
     with pytest.raises(ValueError, match="retention"):

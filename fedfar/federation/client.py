@@ -17,7 +17,7 @@ from typing import Mapping
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from ..data import compute_metrics, get_task, load_glue, load_partition, make_loader, tokenize
+from ..data import compute_metrics, get_task, load_glue, load_partition, make_loader, reshuffled, tokenize
 from ..devices.budget import TrainingShape
 from ..devices.device import Device, DevicePlan, Outcome, client_profile, device_plan, profile_record
 from ..devices.flops import count_flops
@@ -264,8 +264,7 @@ class Job:
             # the same learners and trains on the same random stream.
             seed = self.cfg.seed + 7919 * self.partition_id
             if method.primes:
-                loader = make_loader(self.loader.dataset, CACHE.tokenizer(self.cfg), self.cfg.batch_size,
-                                     shuffle=True, seed=seed)
+                loader = reshuffled(self.loader, seed)
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(seed)
                     outcome = self.device.run("prime", lambda shape, budget: self._prime(shape, budget, loader, seed))
