@@ -1,4 +1,5 @@
-"""The `fedfar` command: finetune (central), bench (speed and memory), run (federated simulation)."""
+"""The `fedfar` command: finetune (central), bench (speed and memory), run (federated simulation), certs (keys
+for a secure deployment)."""
 from __future__ import annotations
 
 import argparse
@@ -136,6 +137,20 @@ def _run(args: argparse.Namespace) -> None:
     print(f"results: {folder}  (rounds.csv, ledger.csv, partitions.json, summary.json, metric_vs_round_and_mb.png)")
 
 
+def _certs(args: argparse.Namespace) -> None:
+    from .federation.certs import generate, split_names
+
+    hosts = [h for h in args.hosts.split(",") if h.strip()]
+    ips = [i for i in args.ips.split(",") if i.strip()]
+    paths = generate(args.out, hosts, ips, args.supernodes, days=args.days, overwrite=args.force)
+    names, addresses = split_names(hosts, ips)
+    print(f"wrote {paths.folder}: ca.crt, ca.key, server.crt, server.key"
+          + (f", supernode-<i>.key/.pub for i = 0..{args.supernodes - 1}" if args.supernodes else ""))
+    print(f"server certificate valid for: {', '.join(names + [str(a) for a in addresses])}")
+    print("keep ca.key and server.key on the server; give each device ca.crt and its own supernode-<i>.key; "
+          "register each supernode-<i>.pub with `flwr supernode register` (see docs/deployment.md)")
+
+
 def check_data(cfg) -> None:
     """Load the task's train and dev files now (a missing folder, file or column is an error naming it), not
     a minute later inside Flower and Ray. The hub is not checked: that needs the internet."""
@@ -207,6 +222,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", default="", metavar="RUN_FOLDER",
                    help="continue a run from its last complete round (its own config and node count)")
     r.set_defaults(func=_run)
+
+    c = sub.add_parser("certs", help="a CA, the SuperLink's TLS certificate and SuperNode auth keys for a secure "
+                                     "deployment (docs/deployment.md)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c.add_argument("--out", required=True, help="folder to write (refused if not empty, unless --force)")
+    c.add_argument("--hosts", default="", help="comma-separated DNS names SuperNodes use to reach the SuperLink; "
+                                               "localhost is always included")
+    c.add_argument("--ips", default="", help="comma-separated IP addresses SuperNodes use to reach the SuperLink; "
+                                             "127.0.0.1 is always included")
+    c.add_argument("--supernodes", type=int, default=2, help="ECDSA P-384 key pairs, one per SuperNode")
+    c.add_argument("--days", type=int, default=730, help="validity of the server certificate")
+    c.add_argument("--force", action="store_true", help="replace the files of an existing folder")
+    c.set_defaults(func=_certs)
     return p
 
 

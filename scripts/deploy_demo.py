@@ -4,6 +4,13 @@
     .venv/bin/python scripts/deploy_demo.py                      # 1 round, 64 train examples/client, 128 dev
     .venv/bin/python scripts/deploy_demo.py --set num-rounds=2 --set 'task="sst2"'
     .venv/bin/python scripts/deploy_demo.py --run-config configs/x.toml --full
+    .venv/bin/python scripts/deploy_demo.py --certs certs/       # keys from `fedfar certs --out certs --supernodes 2`
+    .venv/bin/python scripts/deploy_demo.py --insecure           # lab only: no TLS, any SuperNode may join
+
+Secure by default, as a real deployment should be (docs/deployment.md): the SuperLink serves TLS with a
+certificate from a CA and admits only SuperNodes whose public key was registered with `flwr supernode register`;
+each SuperNode verifies the SuperLink against the CA and signs its requests with its own ECDSA P-384 key. Without
+--certs a fresh CA and keys are generated in .flwr/deploy-demo/certs/.
 
 Unlike the simulation there is no Ray: each SuperNode runs every ClientApp call as a fresh process. All three
 servers bind 127.0.0.1 on ports free at start-up, keep their state and logs under .flwr/deploy-demo/, and are
@@ -25,7 +32,7 @@ except ModuleNotFoundError:  # 3.10: the same parser, as installed with flwr
     import tomli as tomllib  # type: ignore[no-redef]
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
-from fedfar.federation import launch, processes  # noqa: E402
+from fedfar.federation import certs, deploy, launch, processes  # noqa: E402
 from fedfar.devices.profiles import load_catalog  # noqa: E402
 
 CONNECTION = "fedfar-demo"
@@ -54,39 +61,6 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def write_connection(flwr_home: Path, port: int) -> Path:
-    """Add/refresh [superlink.fedfar-demo] in $FLWR_HOME/config.toml (created with Flower's defaults if absent)."""
-    import tomli_w  # a Flower dependency
-    from flwr.cli.constant import DEFAULT_FLOWER_CONFIG_TOML
-
-    path = flwr_home / "config.toml"
-    text = path.read_text(encoding="utf-8") if path.is_file() else DEFAULT_FLOWER_CONFIG_TOML
-    config = tomllib.loads(text)
-    config.setdefault("superlink", {})[CONNECTION] = {"address": f"127.0.0.1:{port}", "insecure": True}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(tomli_w.dumps(config), encoding="utf-8")
-    return path
-
-
-def wait_for_nodes(count: int, env: dict[str, str], procs: list[subprocess.Popen], logs: list[Path],
-                   timeout: float = 120.0) -> None:
-    """Until `count` SuperNodes are online: the ServerApp counts the nodes it sees when it starts."""
-    deadline = time.monotonic() + timeout
-    online = 0
-    while time.monotonic() < deadline:
-        for proc, log in zip(procs, logs):
-            if proc.poll() is not None:
-                raise RuntimeError(f"{proc.args[0]} exited with code {proc.returncode}; see {log}"
-                                   + launch.tail_logs([log]))
-        data = launch.flwr_json(["supernode", "list", CONNECTION], env, launch.PROJECT_DIR) or {}
-        online = sum(1 for n in data.get("nodes", []) if n.get("status") == "online")
-        if online >= count:
-            return
-        time.sleep(1.0)
-    raise RuntimeError(f"only {online}/{count} SuperNodes online after {timeout:.0f} s; see "
-                       + ", ".join(map(str, logs)))
-
-
 def results_folder(run_log: Path, project: Path) -> Path | None:
     """The folder the ServerApp named in its summary ("results  <path>"), relative to the SuperLink's cwd."""
     if not run_log.is_file():
@@ -105,7 +79,14 @@ def main(argv: list[str] | None = None) -> int:
                         "jetson-nano,phone-midrange: each node then checks its memory budget and the ledger gets "
                         "the simulated clock")
     p.add_argument("--full", action="store_true", help="do not apply the tiny-job overrides " + str(TINY))
+    p.add_argument("--certs", metavar="DIR",
+                   help="a `fedfar certs` folder (ca.crt, server.crt/.key, supernode-<i>.key/.pub for i < "
+                        f"{NUM_NODES}); default: a fresh one in .flwr/deploy-demo/certs")
+    p.add_argument("--insecure", action="store_true",
+                   help="no TLS and no SuperNode authentication (Flower's --insecure): a lab-only opt-in")
     args = p.parse_args(argv)
+    if args.insecure and args.certs:
+        raise SystemExit("--insecure and --certs exclude each other")
 
     project = launch.PROJECT_DIR
     config = launch.resolve_config(args.run_config, project)  # fail before starting anything
@@ -119,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     env = launch.flower_env(project)
     home = Path(env["FLWR_HOME"])
     demo = home / "deploy-demo"
+    keys = None if args.insecure else secure_files(args.certs, demo)  # checked before anything starts or changes
+    ca = keys.ca_cert if keys else None
     demo.mkdir(parents=True, exist_ok=True)
     for old in demo.glob("state.db*"):  # a fresh federation: no offline nodes from an earlier demo
         old.unlink()
@@ -130,25 +113,28 @@ def main(argv: list[str] | None = None) -> int:
         try:
             port = launch.free_port()
             link_log = demo / "superlink.log"
-            procs.append(_start([launch.bin_path("flower-superlink"), "--insecure", "--host", "127.0.0.1",
-                                 "--port", str(port), "--database", str(demo / "state.db"),
-                                 "--disable-runtime-dependency-installation"], env, project, link_log))
-            launch.wait_healthy(procs[0], port, "flower-superlink", [link_log])
-            print(f"SuperLink on 127.0.0.1:{port} (pid {procs[0].pid}); connection [superlink.{CONNECTION}] "
-                  f"in {write_connection(home, port)}", flush=True)
+            procs.append(deploy.start_server(deploy.superlink_command(port, demo / "state.db", keys),
+                                             env, project, link_log))
+            launch.wait_healthy(procs[0], port, "flower-superlink", [link_log], ca=ca)
+            connection = deploy.write_connection(home, CONNECTION, f"127.0.0.1:{port}", ca)
+            print(f"SuperLink on 127.0.0.1:{port} (pid {procs[0].pid}, "
+                  + ("INSECURE: no TLS, no SuperNode auth" if keys is None else "TLS + SuperNode auth")
+                  + f"); connection [superlink.{CONNECTION}] in {connection}", flush=True)
+            if keys is not None:  # admit exactly our nodes, before they start
+                for i in range(NUM_NODES):
+                    node_id = deploy.register_supernode(keys.node_pub(i), CONNECTION, env, project)
+                    print(f"registered {keys.node_pub(i)} as node {node_id}", flush=True)
 
             node_logs, used = [], {port}
             for i in range(NUM_NODES):
                 node_port = launch.free_port(used)
                 used.add(node_port)
                 node_logs.append(demo / f"supernode-{i}.log")
-                procs.append(_start([launch.bin_path("flower-supernode"), "--insecure",
-                                     "--superlink", f"127.0.0.1:{port}",
-                                     "--host", "127.0.0.1", "--port", str(node_port),
-                                     "--node-config", node_config(i, devices)],
-                                    env, project, node_logs[-1]))
+                command = deploy.supernode_command(f"127.0.0.1:{port}", node_port, node_config(i, devices), ca,
+                                                   keys.node_key(i) if keys else None)
+                procs.append(deploy.start_server(command, env, project, node_logs[-1]))
                 print(f"SuperNode {i} on 127.0.0.1:{node_port} (pid {procs[-1].pid})", flush=True)
-            wait_for_nodes(NUM_NODES, env, procs[1:], node_logs)
+            deploy.wait_for_nodes(NUM_NODES, CONNECTION, env, project, procs[1:], node_logs)
             print(f"{NUM_NODES} SuperNodes online after {time.monotonic() - t0:.1f} s", flush=True)
 
             run_log = demo / "flwr-run.log"
@@ -165,11 +151,18 @@ def main(argv: list[str] | None = None) -> int:
                   + (f"still running:\n{processes.describe(left)}" if left else "no processes left"), flush=True)
 
 
-def _start(command: list[str], env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen:
-    """A server in its own session (so its whole tree can be stopped), output to `log` (fresh per demo)."""
-    with open(log, "wb") as out:
-        return subprocess.Popen(command, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+def secure_files(folder: str | None, demo: Path) -> certs.CertPaths:
+    """The given `fedfar certs` folder, checked file by file, or a fresh CA and keys for this demo."""
+    if folder is None:
+        return certs.generate(demo / "certs", supernodes=NUM_NODES, overwrite=True)  # state.db is fresh too
+    keys = certs.CertPaths(Path(folder).expanduser().resolve())
+    try:
+        certs.check(keys.ca_cert, keys.server_cert, keys.server_key,
+                    [keys.node_key(i) for i in range(NUM_NODES)], [keys.node_pub(i) for i in range(NUM_NODES)],
+                    hint=f"run `fedfar certs --out {folder} --supernodes {NUM_NODES}` first")
+    except certs.CertError as err:
+        raise SystemExit(f"--certs: {err}") from None
+    return keys
 
 
 if __name__ == "__main__":

@@ -66,9 +66,9 @@ def task_identity(monkeypatch):
         monkeypatch.setattr(TaskIdentity, attr, value)
 
 
-# Longer limits (pyproject.toml sets 120 s) for tests that start a simulation; a module-scoped fixture's run
-# counts against the first test that uses it. An explicit @pytest.mark.timeout on a test wins.
-_TIMEOUTS = {"ray": 1200, "realdata": 900}
+# Longer limits (pyproject.toml sets 120 s) for tests that start a simulation or a deployment; a module-scoped
+# fixture's run counts against the first test that uses it. An explicit @pytest.mark.timeout on a test wins.
+_TIMEOUTS = {"ray": 1200, "realdata": 900, "deploy": 1800}
 
 
 def pytest_collection_modifyitems(config, items):

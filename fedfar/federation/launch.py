@@ -12,6 +12,7 @@ import math
 import os
 import re
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -106,28 +107,35 @@ def free_port(exclude: set[int] | None = None) -> int:
             return port
 
 
-def superlink_healthy(port: int, host: str = "127.0.0.1") -> bool:
-    """Does a SuperLink answer on http://host:port/health? (No proxy: the request must stay on loopback.)"""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+def superlink_healthy(port: int, host: str = "127.0.0.1", ca: Path | None = None) -> bool:
+    """Does a SuperLink answer on http://host:port/health, or https:// verified with the CA certificate `ca`
+    (a TLS SuperLink gives plain HTTP an empty reply)? No proxy: the request must stay on loopback."""
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+    if ca is not None:
+        handlers.append(urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=str(ca))))
+    opener = urllib.request.build_opener(*handlers)
+    scheme, timeout = ("https", 2.0) if ca else ("http", 0.5)  # a TLS handshake on busy cores takes longer
     try:
-        with opener.open(f"http://{host}:{port}/health", timeout=0.5) as res:
+        with opener.open(f"{scheme}://{host}:{port}/health", timeout=timeout) as res:
             return 200 <= res.status < 300
     except (urllib.error.URLError, OSError, ValueError):
         return False
 
 
 def wait_healthy(proc: subprocess.Popen, port: int, what: str, logs: list[Path],
-                 timeout: float = LOCAL_STARTUP_TIMEOUT) -> None:
-    """Block until `proc` answers /health on `port`; raise (naming its logs) if it exits or times out."""
+                 timeout: float = LOCAL_STARTUP_TIMEOUT, ca: Path | None = None) -> None:
+    """Block until `proc` answers /health on `port` (over TLS verified with `ca` if given); raise (naming its
+    logs) if it exits or times out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with code {proc.returncode} before it was ready; see "
                                + ", ".join(map(str, logs)) + tail_logs(logs))
-        if superlink_healthy(port):
+        if superlink_healthy(port, ca=ca):
             return
         time.sleep(0.2)
-    raise RuntimeError(f"{what} did not answer http://127.0.0.1:{port}/health within {timeout:.0f} s; see "
+    scheme = "https" if ca else "http"
+    raise RuntimeError(f"{what} did not answer {scheme}://127.0.0.1:{port}/health within {timeout:.0f} s; see "
                        + ", ".join(map(str, logs)) + tail_logs(logs))
 
 
