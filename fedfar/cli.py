@@ -76,14 +76,14 @@ def _run(args: argparse.Namespace) -> None:
         if overrides or args.config_given:
             raise ValueError("--resume continues a run exactly as it was configured: drop the config file and --set")
         folder = Path(args.resume).expanduser().resolve()
-        meta_round = checkpoint.latest_round(folder)
-        if meta_round is None or not (folder / "config.json").is_file():
+        meta = checkpoint.latest(folder)
+        if meta is None or not (folder / "config.json").is_file():
             raise FileNotFoundError(f"--resume {args.resume}: no checkpoint/latest.json and config.json there: "
                                     "the run stopped before its first round was saved, or it is not a run folder")
         overrides = {**json.loads((folder / "config.json").read_text()), "resume": str(folder)}
         args.config = None
-        args.supernodes = json.loads((folder / "checkpoint" / "latest.json").read_text())["num_nodes"]
-        print(f"fedfar run: resuming {folder} after round {meta_round}, {args.supernodes} supernodes")
+        args.supernodes = meta["num_nodes"]
+        print(f"fedfar run: resuming {folder} after round {meta['round']}, {args.supernodes} supernodes")
     # Validate the whole run config here, before a SuperLink or Ray starts.
     values = run_config_values(args.config, overrides)
     for key in ("fleet", "device-catalog", "faults"):  # the app runs in the project directory: absolute paths

@@ -69,10 +69,16 @@ def save(folder: Path, rnd: int, state: dict[str, torch.Tensor], optimizer: dict
             old.unlink(missing_ok=True)
 
 
+def latest(folder: Path) -> dict[str, Any] | None:
+    """`latest.json` of `folder`'s checkpoint: the last complete round and the server's state (None: none)."""
+    path = Path(folder) / DIR / "latest.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def latest_round(folder: Path) -> int | None:
     """The last complete round checkpointed in `folder` (None: none)."""
-    path = Path(folder) / DIR / "latest.json"
-    return json.loads(path.read_text())["round"] if path.is_file() else None
+    meta = latest(folder)
+    return meta["round"] if meta else None
 
 
 def load(folder: Path) -> Checkpoint:

@@ -101,6 +101,11 @@ class WorkerCache:
 CACHE = WorkerCache()
 
 
+def client_seed(seed: int, partition: int, server_round: int = 0) -> int:
+    """A client's seed for one round (round 0: the device's own, round-independent draws such as its learners)."""
+    return seed + 7919 * partition + server_round
+
+
 def train_config(cfg: RunConfig, seed: int, shape: TrainingShape | None = None) -> TrainConfig:
     """The local optimiser settings; with a device plan's shape, its micro-batch and pre-activation storage."""
     micro = shape.micro_batch if shape and shape.micro_batch < shape.batch_size else 0
@@ -216,7 +221,7 @@ class Job:
     def open(cls, run_config: Mapping, node_config: Mapping, server_round: int) -> "Job":
         cfg = RunConfig.from_flower(run_config)
         pid, num = int(node_config["partition-id"]), int(node_config["num-partitions"])
-        seed = cfg.seed + 7919 * pid + server_round
+        seed = client_seed(cfg.seed, pid, server_round)
         model = CACHE.model(cfg)
         train_ds, held_out = CACHE.partition(cfg, pid, num)
         device = Device.for_run(cfg, CACHE.device_plan(cfg, node_config))
@@ -262,7 +267,7 @@ class Job:
             # The device's learners depend on (seed, partition) only, not on the round it first trains in, and
             # priming draws from its own generator: a resumed run, whose nodes start with empty state, chooses
             # the same learners and trains on the same random stream.
-            seed = self.cfg.seed + 7919 * self.partition_id
+            seed = client_seed(self.cfg.seed, self.partition_id)
             if method.primes:
                 loader = reshuffled(self.loader, seed)
                 with torch.random.fork_rng(devices=[]):
