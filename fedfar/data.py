@@ -453,11 +453,22 @@ def _assigned_partitioner(
     return part, binned
 
 
-def _load(partitioner: Partitioner, partition_id: int, binned: bool) -> Dataset:
-    if not 0 <= partition_id < partitioner.num_partitions:
-        raise ValueError(f"partition_id must be in [0, {partitioner.num_partitions}), got {partition_id}")
-    out = partitioner.load_partition(partition_id)
-    return out.remove_columns(_BIN_COLUMN) if binned else out
+class PartitionIndex:
+    """One seeded split of ``ds`` into ``num_partitions``, computed once and read many times.
+
+    The partitioner shuffles (or, for label schemes, assigns) the whole dataset on its first read and keeps the
+    result, so a worker that serves many clients pays that cost once, not once per client: a client's share is
+    then a slice of an index. Deterministic in (ds, scheme, num_partitions, seed, kw)."""
+
+    def __init__(self, ds: Dataset, num_partitions: int, scheme: str = "iid", **kw: Any) -> None:
+        self.partitioner, self.binned = _assigned_partitioner(ds, num_partitions, scheme, **kw)
+        self.num_partitions = num_partitions
+
+    def load(self, partition_id: int) -> Dataset:
+        if not 0 <= partition_id < self.num_partitions:
+            raise ValueError(f"partition_id must be in [0, {self.num_partitions}), got {partition_id}")
+        out = self.partitioner.load_partition(partition_id)
+        return out.remove_columns(_BIN_COLUMN) if self.binned else out
 
 
 def load_partition(
@@ -474,9 +485,9 @@ def load_partition(
 
     Every client process recomputes the full split from the same seed and keeps its own part,
     so no partition state has to be shipped around. ``kw`` goes to :func:`make_partitioner`.
+    A process serving many clients keeps a :class:`PartitionIndex` instead.
     """
-    partitioner, binned = _assigned_partitioner(ds, num_partitions, scheme, alpha=alpha, seed=seed, **kw)
-    return _load(partitioner, partition_id, binned)
+    return PartitionIndex(ds, num_partitions, scheme, alpha=alpha, seed=seed, **kw).load(partition_id)
 
 
 def partition_summary(
@@ -488,11 +499,11 @@ def partition_summary(
     "0".."5", plus ``label_mean``.
     """
     task = get_task(task)
-    partitioner, binned = _assigned_partitioner(ds, num_partitions, scheme, **kw)
+    index = PartitionIndex(ds, num_partitions, scheme, **kw)
     keys = [str(b) for b in range(6)] if task.is_regression else list(task.label_names)
     summary = []
     for pid in range(num_partitions):
-        labels = np.asarray(_load(partitioner, pid, binned)["label"])
+        labels = np.asarray(index.load(pid)["label"])
         bins = np.rint(labels).astype(np.int64) if task.is_regression else labels
         counts = np.bincount(bins, minlength=len(keys))
         entry: dict[str, Any] = {

@@ -11,6 +11,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 from pathlib import Path
 
 import numpy as np
+from datasets import Dataset
 import pytest
 import torch
 
@@ -518,8 +519,6 @@ def test_partition_summary(cola_train, stsb_train) -> None:
 
 
 def test_partition_errors() -> None:
-    from datasets import Dataset
-
     tiny = Dataset.from_dict({"sentence": ["a", "b", "c"], "label": [0, 1, 0], "idx": [0, 1, 2]})
     with pytest.raises(ValueError) as err:
         D.make_partitioner("zipf", 3)
@@ -529,3 +528,16 @@ def test_partition_errors() -> None:
     with pytest.raises(ValueError, match="partition_id"):
         D.load_partition(tiny, 3, 3)
     assert sorted(i for p in range(3) for i in D.load_partition(tiny, p, 3)["idx"]) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("scheme", D.PARTITION_SCHEMES)
+def test_a_partition_index_read_many_times_gives_what_a_fresh_split_gives(scheme: str) -> None:
+    """A worker keeps one PartitionIndex and slices every client's share from it: the shares must be exactly the
+    ones each client would have split for itself, for every scheme (a cached shuffle that moved would not be)."""
+    ds = Dataset.from_dict({"sentence": [f"s{i}" for i in range(120)], "label": [i % 3 % 2 for i in range(120)],
+                            "idx": list(range(120))})
+    index = D.PartitionIndex(ds, 6, scheme, seed=5, alpha=0.5)
+    for pid in (3, 0, 5, 3):
+        assert list(index.load(pid)["idx"]) == list(D.load_partition(ds, pid, 6, scheme, seed=5, alpha=0.5)["idx"])
+    with pytest.raises(ValueError, match=r"partition_id must be in \[0, 6\)"):
+        index.load(6)

@@ -72,7 +72,10 @@ def _sha256(path) -> str:
 
 @pytest.mark.ray
 def test_a_run_killed_after_round_1_resumes_to_a_byte_identical_model(tmp_path):
+    """Also the determinism test of the federation: the resumed half runs on new, random node ids, and must still
+    sample the same partitions, choose the same mask and end bit-identical."""
     common = {"results-dir": str(tmp_path), "data": str(default_glue_dir()), "num-rounds": 3,
+              "fraction-train": 0.5,  # one of the two clients a round: the seeded sampler must survive the restart
               "server-opt": "fedadam", "server-lr": 0.01}  # the optimizer's moments must come back too
     assert run_simulation(TINY, 2, overrides={**common, "run-name": "whole"}, stream=False) == 0
     whole, killed = tmp_path / "whole", tmp_path / "killed"
@@ -102,6 +105,10 @@ def test_a_run_killed_after_round_1_resumes_to_a_byte_identical_model(tmp_path):
     for rounds, ledger in runs.values():
         assert rounds["round"].tolist() == [0, 1, 2, 3]
         keys = ledger[["round", "phase", "partition_id"]].astype(str).agg("/".join, axis=1)
-        assert keys.is_unique and len(ledger.query("phase == 'train'")) == 3 * 2
+        assert keys.is_unique and len(ledger.query("phase == 'train'")) == 3 * 1
+    trained = [ledger.query("phase == 'train'")[["round", "partition_id"]].values.tolist() for _, ledger in runs.values()]
+    assert trained[0] == trained[1]
+    for name in ("partitions.json", "mask.json"):
+        assert json.loads((whole / name).read_text()) == json.loads((killed / name).read_text())
     assert runs["whole"][0]["mcc"].tolist() == runs["killed"][0]["mcc"].tolist()
     assert runs["whole"][1]["payload_up"].tolist() == runs["killed"][1]["payload_up"].tolist()

@@ -10,14 +10,15 @@ worker and reused (`WorkerCache`), never once per round.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Hashable, Mapping, TypeVar
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from ..data import compute_metrics, get_task, load_glue, load_partition, make_loader, reshuffled, tokenize
+from ..data import PartitionIndex, compute_metrics, get_task, load_glue, make_loader, reshuffled, tokenize
 from ..devices.budget import TrainingShape
 from ..devices.device import Device, DevicePlan, Outcome, client_profile, device_plan, profile_record
 from ..devices.flops import count_flops
@@ -33,12 +34,39 @@ from .config import RunConfig
 from .faults import corrupt, hang_seconds
 
 
+V = TypeVar("V")
+
+
+class Bounded(OrderedDict):
+    """A least-recently-used cache of at most `size` entries: a worker that serves thousands of clients keeps
+    the last few, so its memory stays flat in the number of clients."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def get_or(self, key: Hashable, make: Callable[[], V]) -> V:
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        value = self[key] = make()
+        while len(self) > self.size:
+            self.popitem(last=False)
+        return value
+
+
 @dataclass
 class WorkerCache:
+    """What a worker keeps between messages. The split of a dataset is computed once per worker and each client's
+    share is a slice of it, so opening a client costs the same with 10 or 10,000 clients; per-client entries are
+    bounded (least recently used go first)."""
+
     models: dict = field(default_factory=dict)      # (model ref, num_labels, seed, method) -> (model, pristine)
     tokenizers: dict = field(default_factory=dict)
-    partitions: dict = field(default_factory=dict)  # (...) -> (train tokenized, eval tokenized | None)
-    profiles: dict = field(default_factory=dict)    # (fleet and catalog files, node) -> DeviceProfile | None
+    datasets: Bounded = field(default_factory=lambda: Bounded(2))      # (task, source) -> the train split
+    indexes: Bounded = field(default_factory=lambda: Bounded(4))       # (... , N, scheme) -> PartitionIndex
+    partitions: Bounded = field(default_factory=lambda: Bounded(64))   # (...) -> (train tokenized, eval | None)
+    profiles: Bounded = field(default_factory=lambda: Bounded(4096))   # (fleet, catalog, node) -> DeviceProfile | None
     plans: dict = field(default_factory=dict)       # (device profile, run shape) -> DevicePlan
 
     def model(self, cfg: RunConfig) -> torch.nn.Module:
@@ -59,14 +87,22 @@ class WorkerCache:
             self.tokenizers[cfg.model] = load_tokenizer(cfg.model)
         return self.tokenizers[cfg.model]
 
+    def index(self, cfg: RunConfig, num_partitions: int) -> PartitionIndex:
+        """The seeded split of the task's train set into `num_partitions`, once per worker."""
+        source = (cfg.task, str(cfg.data_source))
+        key = (*source, num_partitions, tuple(sorted(cfg.partition_kwargs().items())))
+        return self.indexes.get_or(key, lambda: PartitionIndex(
+            self.datasets.get_or(source, lambda: load_glue(cfg.task, "train", cfg.data_source)),
+            num_partitions, **cfg.partition_kwargs()))
+
     def partition(self, cfg: RunConfig, partition_id: int, num_partitions: int):
         key = (cfg.task, str(cfg.data_source), cfg.model, cfg.max_length, partition_id, num_partitions,
                cfg.max_train_examples, cfg.eval_share if cfg.federated_eval else 0.0,
                tuple(sorted(cfg.partition_kwargs().items())))
-        if key not in self.partitions:
+
+        def make():
             task = get_task(cfg.task)
-            ds = load_partition(load_glue(task, "train", cfg.data_source), partition_id, num_partitions,
-                                **cfg.partition_kwargs())
+            ds = self.index(cfg, num_partitions).load(partition_id)
             held_out = None
             if cfg.federated_eval and cfg.eval_share > 0 and len(ds) >= 10:
                 split = ds.train_test_split(test_size=cfg.eval_share, seed=cfg.partition_seed)
@@ -74,16 +110,15 @@ class WorkerCache:
             if cfg.max_train_examples:
                 ds = ds.select(range(min(cfg.max_train_examples, len(ds))))
             tok = self.tokenizer(cfg)
-            self.partitions[key] = (tokenize(ds, tok, task, cfg.max_length),
-                                    tokenize(held_out, tok, task, cfg.max_length) if held_out else None)
-        return self.partitions[key]
+            return (tokenize(ds, tok, task, cfg.max_length),
+                    tokenize(held_out, tok, task, cfg.max_length) if held_out else None)
+
+        return self.partitions.get_or(key, make)
 
     def profile(self, cfg: RunConfig, node_config: Mapping) -> DeviceProfile | None:
         """This node's simulated device (None: devices off), read from the fleet and catalog once per worker."""
         key = (cfg.fleet, cfg.device_catalog, cfg.partition_seed, tuple(sorted(node_config.items())))
-        if key not in self.profiles:
-            self.profiles[key] = client_profile(cfg, node_config)
-        return self.profiles[key]
+        return self.profiles.get_or(key, lambda: client_profile(cfg, node_config))
 
     def device_plan(self, cfg: RunConfig, node_config: Mapping) -> DevicePlan | None:
         """The node's device budget plan (None: devices off), accounted once per worker: it depends on the
@@ -216,9 +251,18 @@ class Job:
     held_out: object
     device: Device
     server_round: int = 0
+    opened: float = 0.0  # perf_counter when the message arrived: the client's time beyond training is measured
+    open_s: float = 0.0  # loading its partition, tokenizing, resetting the model, planning the device
+
+    def overhead(self, train_s: float) -> dict[str, float]:
+        """What this message cost beyond the training steps, in seconds (reported per client, so a scale run can
+        show that it does not grow with the number of clients)."""
+        client_s = time.perf_counter() - self.opened
+        return {"open-s": self.open_s, "client-s": client_s, "overhead-s": client_s - train_s}
 
     @classmethod
     def open(cls, run_config: Mapping, node_config: Mapping, server_round: int) -> "Job":
+        opened = time.perf_counter()
         cfg = RunConfig.from_flower(run_config)
         pid, num = int(node_config["partition-id"]), int(node_config["num-partitions"])
         seed = client_seed(cfg.seed, pid, server_round)
@@ -231,7 +275,8 @@ class Job:
         # the first client each worker served other masks than a warm worker would, so runs differed with
         # scheduling.
         torch.manual_seed(seed)
-        return cls(cfg, pid, seed, model, loader, held_out, device, server_round)
+        return cls(cfg, pid, seed, model, loader, held_out, device, server_round, opened,
+                   time.perf_counter() - opened)
 
     def _refusal(self, outcome: Outcome) -> RecordDict:
         """What a device that cannot fit the work sends instead of an update: its figures, no weights."""
@@ -327,7 +372,8 @@ class Job:
         error = (reconstruction_error(delta, decode(record)) if cfg.codec != "float32"
                  else {"max_abs": 0.0, "rel_l2": 0.0})
         metrics.update({"num-examples": len(self.loader.dataset), "partition-id": self.partition_id,
-                        "codec-rel-l2": error["rel_l2"], "codec-max-abs": error["max_abs"]})
+                        "codec-rel-l2": error["rel_l2"], "codec-max-abs": error["max_abs"],
+                        **self.overhead(metrics["train-time-s"])})
         device = {**outcome.figures, "status": "ok"} if outcome.figures else {}
         return _records(metrics, {**device, "fault": fault.label} if fault else device, delta=record)
 
