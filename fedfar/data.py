@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, Features, Value
+from datasets.fingerprint import Hasher
 from flwr_datasets.partitioner import (
     DirichletPartitioner,
     ExponentialPartitioner,
@@ -323,6 +325,17 @@ def compute_metrics(task: str | GlueTask, predictions: np.ndarray, labels: np.nd
 # --------------------------------------------------------------------------------------
 
 
+_TOKENIZER_HASHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _tokenizer_hash(tokenizer: Any) -> str:
+    """datasets' hash of a tokenizer (its vocabulary pickled), once per tokenizer object: hashing it for every
+    `map` took ~250 ms, nearly all of the cost of opening a client with a few sentences."""
+    if tokenizer not in _TOKENIZER_HASHES:
+        _TOKENIZER_HASHES[tokenizer] = Hasher.hash(tokenizer)
+    return _TOKENIZER_HASHES[tokenizer]
+
+
 def tokenize(ds: Dataset, tokenizer: Any, task: str | GlueTask, max_length: int = 128) -> Dataset:
     """Tokenize (truncate, no padding: the collator pads per batch) and keep model inputs + "labels"."""
     task = get_task(task)
@@ -331,7 +344,12 @@ def tokenize(ds: Dataset, tokenizer: Any, task: str | GlueTask, max_length: int 
         enc = tokenizer(*(batch[c] for c in task.text_columns), truncation=True, max_length=max_length)
         return {**enc, "labels": batch["label"]}
 
-    out = ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenize {task.name}")
+    # The fingerprint datasets would compute, from the same inputs, with the tokenizer's hash reused: it names
+    # the cache file of a dataset read from disk (the hub's), so it must change whenever the output would.
+    fingerprint = Hasher.hash((ds._fingerprint, _tokenizer_hash(tokenizer), task.name, task.text_columns,
+                               max_length, "fedfar.tokenize/1"))
+    out = ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenize {task.name}",
+                 new_fingerprint=fingerprint)
     return out.cast_column("labels", Value("float32" if task.is_regression else "int64"))
 
 

@@ -3,6 +3,7 @@ metrics, tokenization/loaders and federated partitions."""
 
 from __future__ import annotations
 
+import copy
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -380,6 +381,13 @@ def test_tokenize_and_dynamic_padding(tokenizer) -> None:
     assert len(set(widths)) > 1  # padded per batch, not to a global length
     short = D.tokenize(cola, tokenizer, "cola", max_length=8)
     assert max(len(x) for x in short["input_ids"]) == 8
+    # The fingerprint (the cache-file name of a dataset read from disk) follows every input the output depends on.
+    other = copy.deepcopy(tokenizer)
+    other.add_tokens(["fedfarword"])  # another vocabulary
+    prints = {D.tokenize(ds, t, "cola", max_length=n)._fingerprint
+              for ds, t, n in ((cola, tokenizer, 8), (cola.select(range(23)), tokenizer, 8), (cola, other, 8))}
+    assert short._fingerprint in prints and len(prints) == 3 and short._fingerprint != tok._fingerprint
+    assert D.tokenize(cola, tokenizer, "cola", max_length=8)._fingerprint == short._fingerprint
 
 
 @pytest.mark.realdata

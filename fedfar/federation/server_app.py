@@ -15,7 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 from ..data import get_task, load_glue, partition_summary, tokenize
 from ..devices.device import check_fleet
 from ..models import load_model, load_tokenizer, quiet_libraries
-from . import checkpoint
+from . import checkpoint, linkstate
 from .client import evaluate
 from .config import RunConfig
 from .results import RunFolder, device_summary
@@ -23,6 +23,8 @@ from .strategy import FedFar
 
 app = ServerApp()
 quiet_libraries()  # per-map and per-file bars from every process bury the round log
+# In a simulation this process also runs Flower's engine: deliver messages without scanning every one per node.
+linkstate.install()
 
 
 @app.main()
