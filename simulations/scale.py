@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import threading
 import time
@@ -27,6 +28,7 @@ from fedfar.data import get_task, load_glue, load_partition, tokenize
 from fedfar.federation.client import WorkerCache
 from fedfar.federation.config import RunConfig
 from fedfar.federation.launch import PROJECT_DIR, run_config_values
+from fedfar.federation.processes import process_tree
 from fedfar.federation.results import read_jsonl
 
 matplotlib.use("Agg")
@@ -47,23 +49,25 @@ def role(proc: psutil.Process) -> str:
 
 
 class MemorySampler(threading.Thread):
-    """Sums the memory of every process this one started (recursively) every `period` seconds, also by role."""
+    """Sums the memory of every process this one started every `period` seconds, also by role: the processes
+    fedfar.federation.processes.process_tree finds (descendants, and the daemons Ray re-parents), this one left
+    out."""
 
     def __init__(self, period: float = 1.0) -> None:
         super().__init__(daemon=True)
         self.period, self.samples, self.stop = period, [], threading.Event()
-        self.me = psutil.Process()
 
     def run(self) -> None:
-        start = time.perf_counter()
+        start, me = time.perf_counter(), os.getpid()
         while not self.stop.is_set():
             pss = rss = 0
             by_role: dict[str, int] = {}
-            procs = self.me.children(recursive=True)
-            for proc in procs:
+            procs = process_tree(me) - {me}
+            for pid in procs:
                 try:
-                    info = proc.memory_full_info()
-                    by_role[role(proc)] = by_role.get(role(proc), 0) + info.pss
+                    proc = psutil.Process(pid)
+                    info, name = proc.memory_full_info(), role(proc)
+                    by_role[name] = by_role.get(name, 0) + info.pss
                     pss, rss = pss + info.pss, rss + info.rss
                 except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                     pass
@@ -98,7 +102,8 @@ def run_one(config: str, clients: int, rounds: int, sample: float, runs_dir: Pat
 def figures(run_dir: Path) -> dict:
     """The row of one N: times from rounds.jsonl, overhead from the ledger's train entries, memory from samples."""
     rounds = read_jsonl(run_dir / "rounds.jsonl").to_dict("records")
-    ledger = [e for e in read_jsonl(run_dir / "ledger.jsonl").to_dict("records") if e["phase"] == "train" and e["status"] == "ok"]
+    ledger = [e for e in read_jsonl(run_dir / "ledger.jsonl").to_dict("records")
+              if e["phase"] == "train" and e["status"] == "ok"]
     mem = json.loads((run_dir / "memory.json").read_text())
     samples, wall = mem["samples"], mem["wall_s"]
     n_rounds = len(rounds) - 1

@@ -87,18 +87,21 @@ class WorkerCache:
             self.tokenizers[cfg.model] = load_tokenizer(cfg.model)
         return self.tokenizers[cfg.model]
 
+    @staticmethod
+    def _split_key(cfg: RunConfig, num_partitions: int) -> tuple:
+        """What a split depends on: the train set (task, source), the number of partitions and the scheme."""
+        return cfg.task, str(cfg.data_source), num_partitions, tuple(sorted(cfg.partition_kwargs().items()))
+
     def index(self, cfg: RunConfig, num_partitions: int) -> PartitionIndex:
         """The seeded split of the task's train set into `num_partitions`, once per worker."""
         source = (cfg.task, str(cfg.data_source))
-        key = (*source, num_partitions, tuple(sorted(cfg.partition_kwargs().items())))
-        return self.indexes.get_or(key, lambda: PartitionIndex(
+        return self.indexes.get_or(self._split_key(cfg, num_partitions), lambda: PartitionIndex(
             self.datasets.get_or(source, lambda: load_glue(cfg.task, "train", cfg.data_source)),
             num_partitions, **cfg.partition_kwargs()))
 
     def partition(self, cfg: RunConfig, partition_id: int, num_partitions: int):
-        key = (cfg.task, str(cfg.data_source), cfg.model, cfg.max_length, partition_id, num_partitions,
-               cfg.max_train_examples, cfg.eval_share if cfg.federated_eval else 0.0,
-               tuple(sorted(cfg.partition_kwargs().items())))
+        key = (*self._split_key(cfg, num_partitions), partition_id, cfg.model, cfg.max_length,
+               cfg.max_train_examples, cfg.eval_share if cfg.federated_eval else 0.0)
 
         def make():
             task = get_task(cfg.task)
