@@ -6,6 +6,7 @@
     .venv/bin/python scripts/deploy_demo.py --run-config configs/x.toml --full
     .venv/bin/python scripts/deploy_demo.py --certs certs/       # keys from `fedfar certs --out certs --supernodes 2`
     .venv/bin/python scripts/deploy_demo.py --insecure           # lab only: no TLS, any SuperNode may join
+    .venv/bin/python scripts/deploy_demo.py --set num-rounds=2 --cold-starts   # + each message's cold start
 
 Secure by default, as a real deployment should be (docs/deployment.md): the SuperLink serves TLS with a
 certificate from a CA and admits only SuperNodes whose public key was registered with `flwr supernode register`;
@@ -15,11 +16,21 @@ each SuperNode verifies the SuperLink against the CA and signs its requests with
 Unlike the simulation there is no Ray: each SuperNode runs every ClientApp call as a fresh process. All three
 servers bind 127.0.0.1 on ports free at start-up, keep their state and logs under .flwr/deploy-demo/, and are
 stopped by process id (with everything they spawned) however the run ends. Exit code: 0 if the run completed.
+
+`--cold-starts`: after the run, a table of every message's cold start (process start to its first training or
+evaluation step, from the ledger, split into Flower's start-up, this app's imports and opening the job) beside
+the import floor measured in the same run: fresh processes of this interpreter, two at a time as the two SuperNodes
+start theirs, importing torch, transformers and flwr.clientapp (and, second floor, also the BERT model class: what
+any ClientApp that builds the model must import).
+Written to <results>/coldstart.json.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import re
+import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -41,10 +52,11 @@ NUM_NODES = 2
 TINY = {"num-rounds": 1, "max-train-examples": 64, "dev-examples": 128, "batch-size": 16}
 
 
-def node_config(i: int, devices: list[str]) -> str:
-    """What a real SuperNode is started with: its partition and, optionally, which device it is."""
+def node_config(i: int, devices: list[str], cache: Path) -> str:
+    """What a real SuperNode is started with: its partition, its disk cache (tokenized partition, device plan)
+    and, optionally, which device it is."""
     device = f" device='{devices[i]}'" if devices else ""
-    return f"partition-id={i} num-partitions={NUM_NODES}{device}"
+    return f"partition-id={i} num-partitions={NUM_NODES} cache-dir='{cache}'{device}"
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
@@ -69,6 +81,52 @@ def results_folder(run_log: Path, project: Path) -> Path | None:
     return (project / found[-1]).resolve() if found else None
 
 
+FLOORS = {  # what a fresh Python process must import before any ClientApp can train
+    "torch + transformers + flwr.clientapp": "import torch, transformers, flwr.clientapp",
+    "... + the BERT model class": "import torch, transformers, flwr.clientapp; "
+                             "from transformers import AutoModelForSequenceClassification, BertModel",
+}
+
+
+def import_floor(code: str, repeats: int, together: int = NUM_NODES) -> float:
+    """Median wall seconds of a fresh `python -c code` (start to exit), as a ClientApp process pays it: `together`
+    processes at once, as the demo's SuperNodes start theirs at once on this one machine."""
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(together)]
+        for proc in procs:
+            if proc.wait() != 0:
+                raise RuntimeError(f"python -c {code!r} failed with exit code {proc.returncode}")
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def cold_start_report(folder: Path, repeats: int = 3) -> dict:
+    """Every ledger message that reported a cold start, with the import floors measured now; printed and written
+    to <folder>/coldstart.json."""
+    rows = [json.loads(line) for line in (folder / "ledger.jsonl").read_text().splitlines() if line.strip()]
+    messages = [{k: r[k] for k in ("round", "phase", "partition_id", "boot_s", "import_s", "to_step_s",
+                                   "cold_start_s") if k in r} for r in rows if "cold_start_s" in r]
+    floors = {name: import_floor(code, repeats) for name, code in FLOORS.items()}
+    print(f"\ncold starts ({len(messages)} messages): process start -> first training/evaluation step, seconds")
+    print(f"{'round':>5} {'phase':<9} {'node':>4} {'Flower':>7} {'imports':>8} {'open':>6} {'total':>7}")
+    for m in messages:
+        print(f"{m['round']:>5} {m['phase']:<9} {m['partition_id']:>4} {m['boot_s']:>7.1f} {m['import_s']:>8.1f} "
+              f"{m['to_step_s']:>6.1f} {m['cold_start_s']:>7.1f}")
+    report: dict = {"messages": messages, "floors_s": floors, "floor_repeats": repeats}
+    if messages:
+        median = statistics.median(m["cold_start_s"] for m in messages)
+        report["median_cold_start_s"] = median
+        report["above_floor_s"] = {name: median - f for name, f in floors.items()}
+        print(f"median {median:.1f} s; import floor (median of {repeats} x {NUM_NODES} fresh processes, "
+              f"{NUM_NODES} at a time, this run):")
+        for name, f in floors.items():
+            print(f"  {name:<40} {f:5.1f} s   cold start - floor = {median - f:+.1f} s")
+    (folder / "coldstart.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-config", help="run-config TOML file (default: pyproject's [tool.flwr.app.config])")
@@ -84,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"{NUM_NODES}); default: a fresh one in .flwr/deploy-demo/certs")
     p.add_argument("--insecure", action="store_true",
                    help="no TLS and no SuperNode authentication (Flower's --insecure): a lab-only opt-in")
+    p.add_argument("--cold-starts", action="store_true",
+                   help="after the run, report each message's cold start beside the import floor, measured now")
     args = p.parse_args(argv)
     if args.insecure and args.certs:
         raise SystemExit("--insecure and --certs exclude each other")
@@ -105,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.mkdir(parents=True, exist_ok=True)
     for old in demo.glob("state.db*"):  # a fresh federation: no offline nodes from an earlier demo
         old.unlink()
+    for old in demo.glob("cache-*"):  # and nodes with empty disks, so each demo measures the same thing
+        shutil.rmtree(old)
     run_config = launch.run_config_args(config, overrides, project)
 
     procs: list[subprocess.Popen] = []
@@ -130,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                 node_port = launch.free_port(used)
                 used.add(node_port)
                 node_logs.append(demo / f"supernode-{i}.log")
-                command = deploy.supernode_command(f"127.0.0.1:{port}", node_port, node_config(i, devices), ca,
+                command = deploy.supernode_command(f"127.0.0.1:{port}", node_port,
+                                                   node_config(i, devices, demo / f"cache-{i}"), ca,
                                                    keys.node_key(i) if keys else None)
                 procs.append(deploy.start_server(command, env, project, node_logs[-1]))
                 print(f"SuperNode {i} on 127.0.0.1:{node_port} (pid {procs[-1].pid})", flush=True)
@@ -141,7 +204,6 @@ def main(argv: list[str] | None = None) -> int:
             code = launch.flwr_run(project, CONNECTION, env, run_config, log_path=run_log)
             folder = results_folder(run_log, project)
             print(f"results folder: {folder}" if folder else f"no results folder reported; see {run_log}")
-            return code
         finally:
             guard.defer()
             for proc in reversed(procs):  # SuperNodes first, so they do not retry a vanished SuperLink
@@ -149,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
             left = set().union(*(processes.process_tree(proc.pid) for proc in procs)) if procs else set()
             print(f"stopped {len(procs)} servers after {time.monotonic() - t0:.1f} s; "
                   + (f"still running:\n{processes.describe(left)}" if left else "no processes left"), flush=True)
+    if args.cold_starts and folder is not None:  # after the servers stopped: the floors run on a quiet machine
+        cold_start_report(folder)
+    return code
 
 
 def secure_files(folder: str | None, demo: Path) -> certs.CertPaths:

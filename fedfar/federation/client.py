@@ -28,7 +28,7 @@ from ..methods import ExchangePlan, Method
 from ..methods.far import ffn_sizes, ffn_weights, node_scores, num_learners, select_learners
 from ..models import load_model, load_tokenizer
 from ..train import TrainConfig, predict, train
-from . import exchange
+from . import coldstart, exchange
 from .codecs import decode, encode, reconstruction_error
 from .config import RunConfig
 from .faults import corrupt, hang_seconds
@@ -165,6 +165,7 @@ def prime_scores(model: torch.nn.Module, loader, steps: int, cfg: RunConfig, see
     before = ffn_weights(model)
     # All FFN nodes train; outside the FFN, the policy holds (frozen embeddings stay frozen while priming too).
     with on_device(model, resolve_device(cfg.device), budget_bytes):
+        coldstart.mark("step")
         train(model, loader, cfg.spec.priming_method(), steps / len(loader), train_config(cfg, seed, shape))
     scores = node_scores(before, ffn_weights(model))
     model.load_state_dict(saved)
@@ -207,6 +208,7 @@ def local_update(
     t0 = time.perf_counter()
     with count_flops() if count else nullcontext() as counter, \
             on_device(model, resolve_device(cfg.device), budget_bytes) as usage:
+        coldstart.mark("step")
         result = train(model, loader, method, cfg.local_epochs, train_config(cfg, seed, shape), learners=rows)
     train_time = time.perf_counter() - t0
     method.merge(model)
@@ -221,6 +223,7 @@ def local_update(
 
 
 def evaluate(model, ds_tok, tokenizer, task, batch_size: int = 128) -> dict[str, float]:
+    coldstart.mark("step")
     logits, labels = predict(model, make_loader(ds_tok, tokenizer, batch_size, shuffle=False))
     return compute_metrics(task, logits, labels)
 
@@ -256,16 +259,18 @@ class Job:
     server_round: int = 0
     opened: float = 0.0  # perf_counter when the message arrived: the client's time beyond training is measured
     open_s: float = 0.0  # loading its partition, tokenizing, resetting the model, planning the device
+    first: bool = False  # the first message its process serves: it reports the process's cold start
 
     def overhead(self, train_s: float) -> dict[str, float]:
         """What this message cost beyond the training steps, in seconds (reported per client, so a scale run can
         show that it does not grow with the number of clients)."""
         client_s = time.perf_counter() - self.opened
-        return {"open-s": self.open_s, "client-s": client_s, "overhead-s": client_s - train_s}
+        return {"open-s": self.open_s, "client-s": client_s, "overhead-s": client_s - train_s,
+                **(coldstart.figures() if self.first else {})}
 
     @classmethod
     def open(cls, run_config: Mapping, node_config: Mapping, server_round: int) -> "Job":
-        opened = time.perf_counter()
+        opened, first = time.perf_counter(), coldstart.message_started()
         cfg = RunConfig.from_flower(run_config)
         pid, num = int(node_config["partition-id"]), int(node_config["num-partitions"])
         seed = client_seed(cfg.seed, pid, server_round)
@@ -279,7 +284,7 @@ class Job:
         # scheduling.
         torch.manual_seed(seed)
         return cls(cfg, pid, seed, model, loader, held_out, device, server_round, opened,
-                   time.perf_counter() - opened)
+                   time.perf_counter() - opened, first)
 
     def _refusal(self, outcome: Outcome) -> RecordDict:
         """What a device that cannot fit the work sends instead of an update: its figures, no weights."""
@@ -303,7 +308,8 @@ class Job:
             return self._refusal(outcome)
         scores, flops = outcome.value
         metrics = {"num-examples": len(self.loader.dataset), "partition-id": self.partition_id,
-                   "prime-start": start, "prime-end": time.time(), "train-flops": flops}
+                   "prime-start": start, "prime-end": time.time(), "train-flops": flops,
+                   **(coldstart.figures() if self.first else {})}
         return _records(metrics, {**outcome.figures, "status": "ok"} if outcome.figures else {},
                         scores=encode({f"scores.{i}": s.float() for i, s in enumerate(scores)}, "float32"))
 
@@ -388,5 +394,6 @@ class Job:
         start = time.time()
         metrics = evaluate(self.model, self.held_out, CACHE.tokenizer(self.cfg), get_task(self.cfg.task))
         metrics.update({"num-examples": len(self.held_out), "partition-id": self.partition_id,
-                        "eval-start": start, "eval-end": time.time()})
+                        "eval-start": start, "eval-end": time.time(),
+                        **(coldstart.figures() if self.first else {})})
         return _records(metrics)

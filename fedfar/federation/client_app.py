@@ -2,6 +2,10 @@
 and replies with what it returns."""
 from __future__ import annotations
 
+from . import coldstart
+
+coldstart.mark("import-start")  # a deployment's ClientApp process imports this module once per message
+
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
@@ -9,6 +13,7 @@ from ..models import quiet_libraries
 from .client import Job, register_reply
 
 app = ClientApp()
+coldstart.mark("import-end")
 quiet_libraries()  # per-map and per-file bars from every worker bury the round log
 
 

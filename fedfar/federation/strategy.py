@@ -304,7 +304,9 @@ class FedFar(Strategy):
         if not good:
             return None
         total = sum(m["num-examples"] for m in good)
-        keys = [k for k in good[0] if k not in ("num-examples", "partition-id", "eval-start", "eval-end")]
+        # The metrics every reply has (a reply that adds keys, such as a cold start, cannot make the mean fail).
+        keys = [k for k in good[0] if all(k in m for m in good[1:]) and k not in
+                ("num-examples", "partition-id", "eval-start", "eval-end") and not k.endswith("-s")]
         for m in good:
             self.busy.append((m["eval-start"], m["eval-end"]))
         return MetricRecord({k: sum(m[k] * m["num-examples"] for m in good) / total for k in keys})
@@ -417,6 +419,7 @@ class FedFar(Strategy):
             update_norm = self._merge(accepted)
             eval_pairs = self._send(grid, list(self.configure_evaluate(rnd, ArrayRecord(), ConfigRecord(), grid)))
             fed_eval = self.aggregate_evaluate(rnd, [r for _, r in eval_pairs if r is not None])
+            eval_entries = [self._ledger_entry(rnd, "evaluate", m, r) for m, r in eval_pairs]
             t_eval = time.time()
             metrics = self.evaluate_fn()
             self.busy.append((t_eval, time.time()))
@@ -432,10 +435,13 @@ class FedFar(Strategy):
                 row.update(sim_round_s=sim_round, sim_time_s=self.sim_time,
                            clients_oom=sum(e["status"] == "oom" for e in entries),
                            clients_late=sum(e["status"] == "late" for e in entries))
+            if eval_entries:  # federated evaluation's traffic, beside (not in) the training's
+                row.update(eval_mb_up=sum(e["bytes_up"] for e in eval_entries) / 1e6,
+                           eval_mb_down=sum(e["bytes_down"] for e in eval_entries) / 1e6)
             if fed_eval:
                 row.update({f"fed_{k}": v for k, v in fed_eval.items()})
             history.append(row)
-            self.folder.append_ledger(entries)
+            self.folder.append_ledger(entries + eval_entries)
             self.folder.append_round(row)
             self.save_checkpoint(rnd, history, mb_up, mb_down, row["wall_s"])
             sim = (f" | simulated round {sim_round:.0f} s, total {self.sim_time / 60:.1f} min"
