@@ -15,23 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
-from datasets import ClassLabel, Dataset, Features, Value
-from datasets.fingerprint import Hasher
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    ExponentialPartitioner,
-    IidPartitioner,
-    LinearPartitioner,
-    Partitioner,
-    ShardPartitioner,
-    SquarePartitioner,
-)
-from scipy.stats import pearsonr, spearmanr
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
+
+# datasets, flwr-datasets, scipy and scikit-learn are imported where they are used: a deployed ClientApp is a fresh
+# process per message, and one that opens its partition from the node's disk cache needs none of them (~3 s).
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from flwr_datasets.partitioner import Partitioner
 
 # --------------------------------------------------------------------------------------
 # Task registry
@@ -183,7 +178,9 @@ def _check_split(task: GlueTask, split: str) -> str:
     return split
 
 
-def _features(task: GlueTask) -> Features:
+def _features(task: GlueTask):
+    from datasets import ClassLabel, Features, Value
+
     label = Value("float32") if task.is_regression else ClassLabel(names=list(task.label_names))
     texts = {c: Value("string") for c in task.text_columns}
     return Features({**texts, "label": label, "idx": Value("int32")})
@@ -255,6 +252,8 @@ def _read_classic(task: GlueTask, split: str, root: Path) -> Dataset:
                 out.append(row[pos])
             labels.append(parse_label(row[label_pos], reader.line_num))
             idxs.append(row_no)
+    from datasets import Dataset
+
     data = {c: col for c, col in zip(task.text_columns, texts)}
     return Dataset.from_dict({**data, "label": labels, "idx": idxs}, features=_features(task))
 
@@ -300,6 +299,9 @@ def compute_metrics(task: str | GlueTask, predictions: np.ndarray, labels: np.nd
     ``predictions`` may be logits ``(N, C)``, class ids ``(N,)``, or for STS-B scores ``(N,)``/``(N, 1)``.
     Returns exactly ``task.metric_names`` as keys.
     """
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
     task = get_task(task)
     preds, gold = np.asarray(predictions), np.asarray(labels)
     if task.is_regression:
@@ -331,6 +333,8 @@ _TOKENIZER_HASHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _tokenizer_hash(tokenizer: Any) -> str:
     """datasets' hash of a tokenizer (its vocabulary pickled), once per tokenizer object: hashing it for every
     `map` took ~250 ms, nearly all of the cost of opening a client with a few sentences."""
+    from datasets.fingerprint import Hasher
+
     if tokenizer not in _TOKENIZER_HASHES:
         _TOKENIZER_HASHES[tokenizer] = Hasher.hash(tokenizer)
     return _TOKENIZER_HASHES[tokenizer]
@@ -338,6 +342,9 @@ def _tokenizer_hash(tokenizer: Any) -> str:
 
 def tokenize(ds: Dataset, tokenizer: Any, task: str | GlueTask, max_length: int = 128) -> Dataset:
     """Tokenize (truncate, no padding: the collator pads per batch) and keep model inputs + "labels"."""
+    from datasets import Value
+    from datasets.fingerprint import Hasher
+
     task = get_task(task)
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
@@ -383,28 +390,26 @@ def reshuffled(loader, seed: int):
 PARTITION_SCHEMES = ("iid", "dirichlet", "shard", "quantity")
 _LABEL_SCHEMES = ("dirichlet", "shard")
 _BIN_COLUMN = "_fedfar_label_bin"  # temporary class-like column for STS-B scores
-_QUANTITY = {"linear": LinearPartitioner, "square": SquarePartitioner, "exponential": ExponentialPartitioner}
 
 
-class _SeededShuffle(Partitioner):
+class _SeededShuffle:
     """Shuffle (seeded) before an order-based partitioner cuts contiguous blocks.
 
     IidPartitioner and the size-skew partitioners slice the dataset in file order, and GLUE
-    files are sorted (CoLA by source), so without this "iid" would not be IID.
+    files are sorted (CoLA by source), so without this "iid" would not be IID. A partitioner by duck
+    typing (`dataset`, `load_partition`, `num_partitions`), so that flwr-datasets is imported only when used.
     """
 
     def __init__(self, inner: Partitioner, num_partitions: int, seed: int) -> None:
-        super().__init__()
-        self._inner, self._num_partitions, self._seed = inner, num_partitions, seed
+        self._inner, self.num_partitions, self._seed = inner, num_partitions, seed
+        self.dataset: Dataset | None = None
 
     def load_partition(self, partition_id: int) -> Dataset:
+        if self.dataset is None:
+            raise ValueError("assign a dataset first: partitioner.dataset = ds")
         if not self._inner.is_dataset_assigned():
             self._inner.dataset = self.dataset.shuffle(seed=self._seed)
         return self._inner.load_partition(partition_id)
-
-    @property
-    def num_partitions(self) -> int:
-        return self._num_partitions
 
 
 def make_partitioner(
@@ -427,10 +432,14 @@ def make_partitioner(
       ``quantity_skew`` = "linear" (default: mild, never empty), "square" or "exponential"
       (extreme; small clients get empty with many partitions -> flwr raises).
     """
+    from flwr_datasets.partitioner import (DirichletPartitioner, ExponentialPartitioner, IidPartitioner,
+                                           LinearPartitioner, ShardPartitioner, SquarePartitioner)
+
     if scheme not in PARTITION_SCHEMES:
         raise ValueError(f"Unknown partition scheme {scheme!r}; valid: {', '.join(PARTITION_SCHEMES)}")
     if num_partitions < 1:
         raise ValueError(f"num_partitions must be >= 1, got {num_partitions}")
+    quantity = {"linear": LinearPartitioner, "square": SquarePartitioner, "exponential": ExponentialPartitioner}
     if scheme == "iid":
         return _SeededShuffle(IidPartitioner(num_partitions), num_partitions, seed)
     if scheme == "dirichlet":
@@ -451,9 +460,9 @@ def make_partitioner(
             shuffle=True,
             seed=seed,
         )
-    if quantity_skew not in _QUANTITY:
-        raise ValueError(f"Unknown quantity_skew {quantity_skew!r}; valid: {', '.join(_QUANTITY)}")
-    return _SeededShuffle(_QUANTITY[quantity_skew](num_partitions), num_partitions, seed)
+    if quantity_skew not in quantity:
+        raise ValueError(f"Unknown quantity_skew {quantity_skew!r}; valid: {', '.join(quantity)}")
+    return _SeededShuffle(quantity[quantity_skew](num_partitions), num_partitions, seed)
 
 
 def _assigned_partitioner(

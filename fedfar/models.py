@@ -106,10 +106,15 @@ def random_batch(model: torch.nn.Module, batch_size: int, seq_len: int, seed: in
 
 def quiet_libraries() -> None:
     """fedfar's own log says what is happening; datasets' per-map bars and transformers' "Loading weights" bars
-    from every worker process only bury it."""
-    import datasets
+    from every worker process only bury it. `datasets` is not imported for it (a deployed ClientApp that opens
+    its partition from the node's disk never needs it): its environment switch is set instead."""
+    import sys
+
     import transformers
 
-    datasets.disable_progress_bars()
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+    else:
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()

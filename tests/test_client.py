@@ -45,3 +45,50 @@ def test_a_worker_splits_the_data_once_and_keeps_a_bounded_number_of_clients():
     assert len(cache.datasets) == 1 and len(cache.indexes) == 1 and len(cache.partitions) == 3
     first = cache.partition(cfg, 4, 1000)[0]
     assert cache.partition(cfg, 4, 1000)[0] is first  # kept: no second tokenization
+
+
+@pytest.mark.realdata
+def test_a_node_disk_cache_serves_a_fresh_process_the_same_partition_plan_and_update(tmp_path, task_identity):
+    """A deployed node keeps its model, tokenized partition and device plan on disk (node config `cache-dir`): a
+    message in a fresh process (an empty worker cache) reads them back instead of re-loading, re-splitting,
+    re-tokenizing and re-planning, and trains bit-identically to one that computed them."""
+    from fedfar.federation import client
+    from fedfar.federation.codecs import decode
+    from fedfar.methods.far import ffn_sizes, random_learners
+
+    disk = tmp_path / "node-cache"
+    run_config = run_config_values("configs/tiny.toml", {"fleet": "configs/fleets/mixed_edge.toml",
+                                                         "federated-eval": True, "eval-share": 0.25})
+    node_config = {"partition-id": 1, "num-partitions": 2}
+
+    def fresh_message(node_config, state: RecordDict):
+        client.CACHE = client.WorkerCache()  # what a new ClientApp process starts with
+        ctx = Context(run_id=0, node_id=1, node_config=node_config, state=state, run_config=run_config)
+        job = Job.open(ctx.run_config, ctx.node_config, 1)
+        rows = random_learners(ffn_sizes(job.model), 0.25, seed=0)  # the server's global mask
+        part = client.encode(client.exchange.select(job.model.state_dict(), job.cfg.spec.exchange_plan(job.model),
+                                                    rows))
+        return job, decode(job.train(part, state)["delta"])
+
+    old = client.CACHE
+    try:
+        plain_job, plain = fresh_message(node_config, RecordDict())
+        first_job, first = fresh_message({**node_config, "cache-dir": str(disk)}, RecordDict())
+        written = sorted(p.relative_to(disk).parts[0] for p in disk.rglob("*.pkl"))
+        assert written == ["models", "partitions", "plans"]
+        # A fresh process with a warm disk neither reads the train set nor splits it, nor builds the model.
+        client.load_glue = client.load_model = None
+        try:
+            warm_job, warm = fresh_message({**node_config, "cache-dir": str(disk)}, RecordDict())
+        finally:
+            from fedfar.data import load_glue
+            from fedfar.models import load_model
+            client.load_glue, client.load_model = load_glue, load_model
+    finally:
+        client.CACHE = old
+    assert [dict(r) for r in plain_job.loader.dataset] == first_job.loader.dataset == warm_job.loader.dataset
+    assert list(plain_job.held_out) == warm_job.held_out and len(warm_job.held_out) > 0
+    assert warm_job.device.plan.train.report == plain_job.device.plan.train.report  # the plan, read back
+    assert repr(warm_job.model) == repr(plain_job.model)
+    assert list(plain) == list(warm) and all(torch.equal(plain[k], warm[k]) for k in plain)
+    assert all(torch.equal(first[k], warm[k]) for k in plain)

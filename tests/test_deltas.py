@@ -1,4 +1,5 @@
 """Tests for fedfar.federation.codecs: codecs, byte accounting and delta arithmetic."""
+import json
 
 import pytest
 import torch
@@ -6,14 +7,18 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedfar.federation.codecs import (
     CODECS,
+    INDEX,
+    PACKED,
     SCALE_SUFFIX,
     apply_delta,
     decode,
     encode,
+    pack,
     payload_nbytes,
     reconstruction_error,
     serialized_nbytes,
     state_delta,
+    unpack,
 )
 
 SHAPES = {
@@ -64,6 +69,23 @@ def array_record_bytes(tensors: dict[str, torch.Tensor]) -> int:
                  + (_field(4, nbytes) if nbytes else 0))
         total += _field(1, _text(1, key) + _field(2, array))
     return total
+
+
+def packed_record_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    """A packed float32 record: two uint8 arrays, the tensors' bytes end to end and the JSON index of
+    [name, dtype, shape, stype, bytes] (codecs.pack), each framed as in `array_record_bytes`."""
+    index, total = [], 0
+    for key, t in tensors.items():
+        nbytes = t.numel() * (4 if t.is_floating_point() else t.element_size())
+        dtype = "float32" if t.is_floating_point() else str(t.dtype).removeprefix("torch.")
+        index.append([key, dtype, list(t.shape), "fedfar.raw", nbytes])
+        total += nbytes
+    meta = len(json.dumps(index, separators=(",", ":")))
+
+    def item(key: str, size: int) -> int:
+        array = _text(1, "uint8") + _field(2, _varint(size)) + _text(3, "fedfar.raw") + (_field(4, size) if size else 0)
+        return _field(1, _text(1, key) + _field(2, array))
+    return item("::packed", total) + item("::index", meta)
 
 
 def metric_record_bytes(metrics: dict) -> int:
@@ -208,6 +230,48 @@ def test_serialized_nbytes_of_message_counts_metadata_and_content(task_identity)
     content = record_dict_bytes({"delta": (2, array_record_bytes(w))})
     assert serialized_nbytes(msg) == message_bytes(msg.metadata, content)
     assert serialized_nbytes(msg) > serialized_nbytes(rd) > 4 * 64 * 32  # metadata and framing on top of the data
+
+
+def test_a_packed_record_is_two_arrays_counted_by_hand_and_decodes_bit_exact(tensors):
+    t = {**tensors, "rows": torch.arange(5, dtype=torch.int64)}
+    for codec in CODECS:
+        rec = encode(t, codec)
+        packed = pack(rec)
+        assert list(packed.keys()) == [PACKED, INDEX]  # one object for the tensors, whatever their number
+        assert payload_nbytes(packed) == payload_nbytes(rec)  # the index is framing, not payload
+        assert list(unpack(packed).keys()) == list(rec.keys())
+        out, ref = decode(packed), decode(rec)
+        assert list(out) == list(ref) and all(torch.equal(out[k], ref[k]) for k in ref), codec
+    assert serialized_nbytes(pack(encode(t, "float32"))) == packed_record_bytes(t)
+    assert unpack(rec) is rec  # a record that is not packed passes through
+
+
+@pytest.mark.parametrize("spoil, error", [
+    (lambda p: p.__setitem__(INDEX, encode({"x": torch.zeros(2)})["x"]), "unreadable index"),  # not JSON
+    (lambda p: p.__setitem__("extra", encode({"x": torch.zeros(2)})["x"]), "holds exactly"),
+    (lambda p: p.pop(INDEX), "holds exactly"),
+])
+def test_a_malformed_packed_record_is_a_clear_value_error(tensors, spoil, error):
+    packed = pack(encode(tensors))
+    spoil(packed)
+    with pytest.raises(ValueError, match=error):
+        decode(packed)
+
+
+def test_a_packed_index_that_does_not_add_up_is_refused(tensors):
+    def repacked(index):
+        meta = json.dumps(index).encode()
+        out = pack(encode(tensors))
+        out[INDEX] = type(out[INDEX])(dtype="uint8", shape=(len(meta),), stype="fedfar.raw", data=meta)
+        return out
+    index = json.loads(bytes(pack(encode(tensors))[INDEX].data))
+    short = [*index[:-1], [*index[-1][:4], index[-1][4] + 4]]  # claims 4 bytes more than there are
+    with pytest.raises(ValueError, match="accounts for"):
+        decode(repacked(short))
+    with pytest.raises(ValueError, match="twice"):
+        decode(repacked([*index, [index[0][0], "float32", [0], "fedfar.raw", 0]]))
+    with pytest.raises(ValueError, match="unreadable"):
+        decode(repacked([["x", "float32"]]))
 
 
 def test_serialized_nbytes_rejects_other_types():

@@ -2,7 +2,7 @@
 import torch
 from conftest import tiny_model
 from flwr.app import Error, Message, MetricRecord, RecordDict
-from test_deltas import array_record_bytes, message_bytes, metric_record_bytes, record_dict_bytes
+from test_deltas import array_record_bytes, message_bytes, metric_record_bytes, packed_record_bytes, record_dict_bytes
 
 from fedfar.federation import exchange
 from fedfar.federation.config import RunConfig
@@ -35,7 +35,8 @@ def test_ledger_bytes_are_the_serialized_sizes(tmp_path, task_identity):
     n_weights = sum(v.numel() for v in delta.values())
     assert entry["payload_down"] == 4 * (n_weights + 32) and entry["payload_up"] == 4 * n_weights
     # Whole messages, metadata and framing included, counted by hand from the tensors (see tests/test_deltas.py).
-    down = record_dict_bytes({"part": (2, array_record_bytes(part))})
+    # The server packs what it sends (one array); this reply is not packed, and is accepted as well.
+    down = record_dict_bytes({"part": (2, packed_record_bytes(part))})
     up = record_dict_bytes({"delta": (2, array_record_bytes(delta)),
                             "metrics": (3, metric_record_bytes({"num-examples": 10.0, "partition-id": 0}))})
     assert entry["bytes_down"] == message_bytes(msg.metadata, down)
@@ -135,3 +136,22 @@ def test_error_reason_keeps_what_the_client_raised_not_rays_wrapping():
     assert error_reason(ray_text) == "ClientApp raised: disk full"
     assert error_reason("Traceback:\n  File x\nValueError: bad rows\n") == "ValueError: bad rows"
     assert len(error_reason("x" * 1000)) == 300
+
+
+def test_federated_evaluation_averages_the_metrics_every_reply_has_weighted_by_examples(tmp_path, task_identity):
+    """A reply may carry more than the others (the first message of a process adds its cold start): the mean is
+    over the metrics every valid reply has, weighted by examples, and timings are never averaged as metrics."""
+    s = _strategy(tmp_path)
+    msg = s._messages([1], RecordDict({"part": s._down_part()}), "evaluate")[0]
+
+    def reply(metrics):
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    base = {"eval-start": 1.0, "eval-end": 2.0, "partition-id": 0}
+    out = s.aggregate_evaluate(1, [
+        reply({**base, "num-examples": 10, "mcc": 0.5, "accuracy": 0.75, "cold-start-s": 12.0, "import-s": 8.0}),
+        reply({**base, "num-examples": 30, "mcc": 0.1, "accuracy": 0.25}),
+        reply({**base, "num-examples": 5, "mcc": float("nan"), "accuracy": 1.0}),  # not finite: skipped
+    ])
+    assert dict(out) == {"mcc": (10 * 0.5 + 30 * 0.1) / 40, "accuracy": (10 * 0.75 + 30 * 0.25) / 40}
+    assert s.aggregate_evaluate(1, []) is None

@@ -9,10 +9,14 @@ worker and reused (`WorkerCache`), never once per round.
 """
 from __future__ import annotations
 
+import hashlib
+import os
+import pickle
 import time
 from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Hashable, Mapping, TypeVar
 
 import torch
@@ -26,10 +30,10 @@ from ..devices.gpu import on_device, resolve_device
 from ..devices.profiles import DeviceProfile
 from ..methods import ExchangePlan, Method
 from ..methods.far import ffn_sizes, ffn_weights, node_scores, num_learners, select_learners
-from ..models import load_model, load_tokenizer
+from ..models import load_model, load_tokenizer, resolve as resolve_model
 from ..train import TrainConfig, predict, train
 from . import coldstart, exchange
-from .codecs import decode, encode, reconstruction_error
+from .codecs import decode, encode, pack, reconstruction_error
 from .config import RunConfig
 from .faults import corrupt, hang_seconds
 
@@ -55,6 +59,67 @@ class Bounded(OrderedDict):
         return value
 
 
+class NodeDisk:
+    """What a deployed node keeps on its own disk between messages (node config `cache-dir`): each message is a
+    fresh ClientApp process in Flower 1.41 deployments, so without it every message re-reads and re-splits the
+    train set, re-tokenizes its share and re-plans its device budget. Entries are named by a hash of everything
+    they depend on (and of the data file's size and modification time), written atomically; a damaged entry is
+    recomputed. Only this node writes them: they are this node's own results, pickled."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder).expanduser()
+
+    def path(self, kind: str, key: tuple) -> Path:
+        return self.folder / kind / (hashlib.sha256(repr(key).encode()).hexdigest()[:32] + ".pkl")
+
+    def get_or(self, kind: str, key: tuple, make: Callable[[], V]) -> V:
+        path = self.path(kind, key)
+        try:
+            with path.open("rb") as fh:
+                return pickle.load(fh)
+        except FileNotFoundError:
+            pass
+        except Exception:  # noqa: BLE001 -- a torn or stale entry is recomputed, never fatal
+            path.unlink(missing_ok=True)
+        value = make()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        with tmp.open("wb") as fh:
+            pickle.dump(value, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, path)  # two ClientApps of one node may write the same entry: the last rename wins whole
+        return value
+
+
+def _rows(ds) -> list[dict] | None:
+    """A tokenized split as plain rows (what the DataLoader reads from a Dataset, so batches are identical):
+    pickled small and fast, and read back without importing `datasets`."""
+    return None if ds is None else [dict(row) for row in ds]
+
+
+def _data_identity(cfg: RunConfig) -> tuple:
+    """What a partition depends on beyond the config: the train file's size and modification time (local GLUE)."""
+    if str(cfg.data_source) == "hub":
+        return ("hub",)
+    path = Path(cfg.data_source) / get_task(cfg.task).folder / "train.tsv"
+    stat = path.stat()
+    return str(path), stat.st_size, stat.st_mtime_ns
+
+
+def _model_identity(ref: str) -> tuple:
+    """What a loaded model depends on beyond its reference: the library versions and its files' sizes and
+    modification times; empty for a hub id (not keyed, not cached)."""
+    import transformers
+
+    versions = (torch.__version__, transformers.__version__, "model/1")
+    if ref.startswith("random:"):
+        return versions
+    source = resolve_model(ref)
+    if not isinstance(source, Path):
+        return ()
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in source.iterdir() if f.is_file())
+    return (*versions, str(source), *files)
+
+
 @dataclass
 class WorkerCache:
     """What a worker keeps between messages. The split of a dataset is computed once per worker and each client's
@@ -69,14 +134,21 @@ class WorkerCache:
     profiles: Bounded = field(default_factory=lambda: Bounded(4096))   # (fleet, catalog, node) -> DeviceProfile | None
     plans: dict = field(default_factory=dict)       # (device profile, run shape) -> DevicePlan
 
-    def model(self, cfg: RunConfig) -> torch.nn.Module:
+    def model(self, cfg: RunConfig, disk: NodeDisk | None = None) -> torch.nn.Module:
         """The pretrained model with the method's additions (LoRA's adapters), reset to its pristine weights (a
         device holds the checkpoint)."""
         task = get_task(cfg.task)
         key = (cfg.model, task.num_labels, cfg.seed, cfg.method)
         if key not in self.models:
-            model = cfg.spec.attach(load_model(cfg.model, task.num_labels, seed=cfg.seed), cfg.seed)
+            def build():
+                return cfg.spec.attach(load_model(cfg.model, task.num_labels, seed=cfg.seed), cfg.seed)
+
+            identity = _model_identity(cfg.model)
+            # transformers' from_pretrained spends ~0.6 s per process on its own set-up; a node reads the pickled
+            # module back in a fraction (a hub id has no local files to key on: it is always loaded).
+            model = disk.get_or("models", (*key, *identity), build) if disk and identity else build()
             self.models[key] = (model, {k: v.clone() for k, v in model.state_dict().items()})
+            return model  # just built: pristine already
         model, pristine = self.models[key]
         cfg.spec.merge(model)  # a previous client may have failed mid-round with the model still reconfigured
         model.load_state_dict(pristine)
@@ -99,7 +171,9 @@ class WorkerCache:
             self.datasets.get_or(source, lambda: load_glue(cfg.task, "train", cfg.data_source)),
             num_partitions, **cfg.partition_kwargs()))
 
-    def partition(self, cfg: RunConfig, partition_id: int, num_partitions: int):
+    def partition(self, cfg: RunConfig, partition_id: int, num_partitions: int, disk: NodeDisk | None = None):
+        """(tokenized train share, tokenized held-out share | None) of one partition; with `disk`, read from or
+        written to the node's disk (as plain rows)."""
         key = (*self._split_key(cfg, num_partitions), partition_id, cfg.model, cfg.max_length,
                cfg.max_train_examples, cfg.eval_share if cfg.federated_eval else 0.0)
 
@@ -116,6 +190,9 @@ class WorkerCache:
             return (tokenize(ds, tok, task, cfg.max_length),
                     tokenize(held_out, tok, task, cfg.max_length) if held_out else None)
 
+        if disk is not None:
+            return self.partitions.get_or(key, lambda: disk.get_or(
+                "partitions", (*key, _data_identity(cfg), "rows/1"), lambda: tuple(_rows(d) for d in make())))
         return self.partitions.get_or(key, make)
 
     def profile(self, cfg: RunConfig, node_config: Mapping) -> DeviceProfile | None:
@@ -123,16 +200,17 @@ class WorkerCache:
         key = (cfg.fleet, cfg.device_catalog, cfg.partition_seed, tuple(sorted(node_config.items())))
         return self.profiles.get_or(key, lambda: client_profile(cfg, node_config))
 
-    def device_plan(self, cfg: RunConfig, node_config: Mapping) -> DevicePlan | None:
-        """The node's device budget plan (None: devices off), accounted once per worker: it depends on the
-        shape, not on the data."""
+    def device_plan(self, cfg: RunConfig, node_config: Mapping, disk: NodeDisk | None = None) -> DevicePlan | None:
+        """The node's device budget plan (None: devices off), accounted once per worker (and, with `disk`, once
+        per node): it depends on the shape, not on the data."""
         profile = self.profile(cfg, node_config)
         if profile is None:
             return None
         key = (profile, cfg.model, cfg.method, cfg.mask_mode, cfg.batch_size, cfg.max_length, cfg.preact_storage,
                cfg.oom_policy, cfg.seed)
         if key not in self.plans:
-            self.plans[key] = device_plan(cfg, self.model(cfg), profile)
+            plan = lambda: device_plan(cfg, self.model(cfg), profile)  # noqa: E731
+            self.plans[key] = disk.get_or("plans", (*key, "plan/1"), plan) if disk is not None else plan()
         return self.plans[key]
 
 
@@ -274,9 +352,10 @@ class Job:
         cfg = RunConfig.from_flower(run_config)
         pid, num = int(node_config["partition-id"]), int(node_config["num-partitions"])
         seed = client_seed(cfg.seed, pid, server_round)
-        model = CACHE.model(cfg)
-        train_ds, held_out = CACHE.partition(cfg, pid, num)
-        device = Device.for_run(cfg, CACHE.device_plan(cfg, node_config))
+        disk = NodeDisk(node_config["cache-dir"]) if node_config.get("cache-dir") else None
+        model = CACHE.model(cfg, disk)
+        train_ds, held_out = CACHE.partition(cfg, pid, num, disk)
+        device = Device.for_run(cfg, CACHE.device_plan(cfg, node_config, disk))
         loader = make_loader(train_ds, CACHE.tokenizer(cfg), cfg.batch_size, shuffle=True, seed=seed)
         # Seed last. Dropout draws from the global generator, and so do a worker's first-round chores (loading the
         # model reseeds it and initialises the head; the budget plan runs a real step): seeding before them gave
@@ -384,7 +463,7 @@ class Job:
                         "codec-rel-l2": error["rel_l2"], "codec-max-abs": error["max_abs"],
                         **self.overhead(metrics["train-time-s"])})
         device = {**outcome.figures, "status": "ok"} if outcome.figures else {}
-        return _records(metrics, {**device, "fault": fault.label} if fault else device, delta=record)
+        return _records(metrics, {**device, "fault": fault.label} if fault else device, delta=pack(record))
 
     def evaluate(self, part: ArrayRecord) -> RecordDict:
         """Federated evaluation: the global model on this device's held-out share."""

@@ -27,7 +27,7 @@ from ..devices.profiles import DeviceProfile
 from ..methods.far import ffn_sizes, select_learners
 from . import checkpoint, exchange
 from .checkpoint import rng_state, set_rng_state
-from .codecs import decode, encode, payload_nbytes, serialized_nbytes
+from .codecs import decode, encode, pack, payload_nbytes, serialized_nbytes
 from .config import RunConfig
 from .results import RunFolder
 
@@ -87,7 +87,7 @@ class FedFar(Strategy):
 
     def _down_part(self) -> ArrayRecord:
         """The trainable part of the global model (devices hold the pretrained rest), float32."""
-        return encode(exchange.select(self.state, self.plan, self.rows), "float32")
+        return pack(encode(exchange.select(self.state, self.plan, self.rows), "float32"))
 
     def _send(self, grid: Grid, messages: list[Message], what: str = "") -> list[tuple[Message, Message | None]]:
         """Send and wait; pair each message with its reply (None if lost). One message per node.
