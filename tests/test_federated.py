@@ -184,7 +184,14 @@ def test_lora_sends_adapters_and_head_only_and_saves_a_merged_plain_checkpoint(r
 def test_local_mask_mode_sends_row_indices_and_int8_deltas(runs):
     run = runs["local"]
     ledger = pd.read_csv(run / "ledger.csv")
-    assert set(ledger.phase) == {"register", "train"} and (ledger.status == "ok").all()  # no priming round
+    assert set(ledger.phase) == {"register", "train", "evaluate"} and (ledger.status == "ok").all()  # no priming
+    # Federated evaluation's traffic is in the ledger too: the part down, metrics (no arrays) up, one per device,
+    # and its totals in the round's row beside (not in) the training's.
+    evals, rounds = ledger[ledger.phase == "evaluate"], pd.read_csv(run / "rounds.csv")
+    assert sorted(evals.partition_id) == [0, 1] and (evals.payload_up == 0).all() and (evals.bytes_up > 0).all()
+    assert rounds.eval_mb_down.iloc[-1] == evals.bytes_down.sum() / 1e6
+    assert rounds.eval_mb_up.iloc[-1] == evals.bytes_up.sum() / 1e6
+    assert rounds.mb_down.iloc[-1] == ledger[ledger.phase == "train"].bytes_down.sum() / 1e6
     ledger = ledger[ledger.phase == "train"]
     cfg = _cfg(run)
     rows = [list(range(128))] * 2  # bert-tiny: 2 FFN blocks of 512 nodes, 25% learners (sizes are what count)
