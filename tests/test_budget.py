@@ -171,3 +171,22 @@ def test_train_step_flops_of_full_match_a_hand_count_with_attention():
     attention_bmm = 2 * b * heads * s * s * (d // heads)
     expected = 3 * linear + n_blocks * 7 * attention_bmm
     assert train_step_flops(_configured("full"), tiny_batch(batch_size=b, seq_len=s)) == expected
+
+
+def test_profiled_peak_counts_the_resident_state_by_hand_and_a_step_holding_every_gradient():
+    """The independent check of the accounting, on a tiny model in the fast tests (the MiniLM comparison is a
+    realdata test): what was resident is weights + buffers + AdamW's two moments and step counter per trainable
+    tensor, counted here from the shapes; a training step holds at least every trainable gradient at once."""
+    from fedfar.devices.memory import profiled_peak_bytes
+
+    model = tiny_model()
+    for name, p in model.named_parameters():
+        p.requires_grad_("embeddings" not in name)  # a frozen part: no gradient, no optimizer state
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    out = profiled_peak_bytes(model, tiny_batch())
+    resident = (sum(4 * p.numel() for p in model.parameters())
+                + sum(b.numel() * b.element_size() for b in model.buffers())
+                + sum(2 * 4 * p.numel() + 4 for p in trainable))  # exp_avg, exp_avg_sq, a float32 step each
+    assert out["resident_bytes"] == resident
+    assert out["measured_peak_bytes"] == resident + out["step_peak_bytes"]
+    assert out["step_peak_bytes"] >= 4 * sum(p.numel() for p in trainable)

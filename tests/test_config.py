@@ -1,4 +1,6 @@
 """Run-config validation: every bad input fails before compute, naming the problem and the fix."""
+import re
+
 import pytest
 
 from fedfar.cli import main
@@ -157,3 +159,24 @@ def test_finetune_never_overwrites_a_finished_run_and_writes_its_config_only_whe
         main(["finetune", "--model", "random:bert-tiny", "--out", str(out)])
     assert "holds a finished run" in capsys.readouterr().err
     assert (out / "config.json").read_text() == '{"mine": 1}'
+
+
+def test_method_strings_build_their_method_and_bad_ones_name_what_is_wrong():
+    from fedfar.methods import FAR, BitFit, Full, LoRA, RandomSelection, parse_method, policy_name
+
+    assert parse_method("far10-emb") == FAR(retention=0.1, policy=policy_name("emb"))
+    assert parse_method(" FAR40 ") == FAR(retention=0.4, policy=policy_name("paper"))
+    assert parse_method("far40-paper") == parse_method("far40")
+    assert parse_method("random25-attn") == RandomSelection(retention=0.25, policy=policy_name("attn"))
+    assert parse_method("full-emb") == Full(policy=policy_name("emb")) != parse_method("full")
+    assert parse_method("bitfit") == BitFit()
+    assert parse_method("lora8") == LoRA(rank=8, targets="qv") and parse_method("lora4-all") == LoRA(4, "all")
+    for text, message in [("far", "far needs its retention in percent, e.g. far10"),
+                          ("random-emb", "random needs its retention in percent, e.g. random10"),
+                          ("full10", "full takes no number: write full"),
+                          ("bitfit2", "bitfit takes no number: write bitfit"),
+                          ("bitfit-emb", "bitfit has its own freeze rule"),
+                          ("lora", "lora needs its rank as a whole number"), ("lora2.5", "got '2.5'"),
+                          ("adapter8", "cannot read method 'adapter8'")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            parse_method(text)

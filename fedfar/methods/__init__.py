@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from functools import partial
 
 from .arch import ARCHITECTURES, Layout, blocks, layout_of
 from .base import POLICIES, ExchangePlan, Method, Policy, PolicyMethod, apply_policy, get_policy, policy_name
@@ -35,12 +36,10 @@ def _bitfit(number: str | None, suffix: str | None) -> Method:
     return BitFit()
 
 
-def _selection(cls: type[NodeSelection]) -> Callable[[str | None, str | None], Method]:
-    def build(number: str | None, suffix: str | None) -> Method:
-        if number is None:
-            raise ValueError(f"{cls.name} needs its retention in percent, e.g. {cls.name}10")
-        return cls(retention=float(number) / 100.0, policy=policy_name(suffix or "paper"))
-    return build
+def _selection(cls: type[NodeSelection], number: str | None, suffix: str | None) -> Method:
+    if number is None:
+        raise ValueError(f"{cls.name} needs its retention in percent, e.g. {cls.name}10")
+    return cls(retention=float(number) / 100.0, policy=policy_name(suffix or "paper"))
 
 
 def _lora(number: str | None, suffix: str | None) -> Method:
@@ -49,12 +48,13 @@ def _lora(number: str | None, suffix: str | None) -> Method:
     return LoRA(rank=int(number), targets=suffix or "qv")
 
 
-# method name -> builder from the string's number and suffix
+# method name -> builder from the string's number and suffix (called when a string is read, never at import: a
+# builder built at import would hide its own bugs from the mutation tests, see docs/testing.md)
 REGISTRY: dict[str, Callable[[str | None, str | None], Method]] = {
     "full": _full,
     "bitfit": _bitfit,
-    "far": _selection(FAR),
-    "random": _selection(RandomSelection),
+    "far": partial(_selection, FAR),
+    "random": partial(_selection, RandomSelection),
     "lora": _lora,
 }
 METHOD_HELP = ("full[-emb|-attn], bitfit, far<retention %>[-emb|-attn], random<retention %>[-emb|-attn] or "

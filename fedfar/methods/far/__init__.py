@@ -7,8 +7,6 @@ from .model import (
     ffn_weights,
     is_reconfigured,
     learner_indices,
-    learners_to_masks,
-    masks_to_learners,
     merge,
     node_scores,
     num_learners,
@@ -19,6 +17,6 @@ from .model import (
 
 __all__ = [
     "PREACT_STORAGE", "SplitFFN", "FAR", "NodeSelection", "RandomSelection", "ffn_sizes", "ffn_weights",
-    "is_reconfigured", "learner_indices", "learners_to_masks", "masks_to_learners", "merge", "node_scores",
+    "is_reconfigured", "learner_indices", "merge", "node_scores",
     "num_learners", "random_learners", "reconfigure", "select_learners",
 ]

@@ -76,20 +76,6 @@ def random_learners(sizes: list[int], retention: float, seed: int) -> list[torch
     return [torch.randperm(d, generator=gen)[: num_learners(d, retention)].sort().values for d in sizes]
 
 
-def masks_to_learners(masks: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Boolean node masks (True = learner) -> index lists."""
-    return [m.bool().nonzero().flatten() for m in masks]
-
-
-def learners_to_masks(learners: list[torch.Tensor], sizes: list[int]) -> list[torch.Tensor]:
-    masks = []
-    for idx, d in zip(learners, sizes):
-        m = torch.zeros(d, dtype=torch.bool)
-        m[idx] = True
-        masks.append(m)
-    return masks
-
-
 def reconfigure(
     model: nn.Module,
     learners: list[torch.Tensor],
