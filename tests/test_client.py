@@ -92,3 +92,19 @@ def test_a_node_disk_cache_serves_a_fresh_process_the_same_partition_plan_and_up
     assert repr(warm_job.model) == repr(plain_job.model)
     assert list(plain) == list(warm) and all(torch.equal(plain[k], warm[k]) for k in plain)
     assert all(torch.equal(first[k], warm[k]) for k in plain)
+
+
+def test_a_node_disk_entry_is_written_once_recomputed_when_damaged_and_never_fatal(tmp_path):
+    from fedfar.federation.client import NodeDisk
+
+    disk, made = NodeDisk(tmp_path / "cache"), []
+    make = lambda: made.append(1) or {"rows": [1, 2, 3]}  # noqa: E731
+    assert disk.get_or("partitions", ("a", 1), make) == disk.get_or("partitions", ("a", 1), make) == {"rows": [1, 2, 3]}
+    assert len(made) == 1 and disk.path("partitions", ("a", 1)).is_file()
+    assert disk.get_or("partitions", ("a", 2), make) and len(made) == 2  # another key, another entry
+    disk.path("partitions", ("a", 1)).write_bytes(b"torn")  # a write cut short
+    assert disk.get_or("partitions", ("a", 1), make) == {"rows": [1, 2, 3]} and len(made) == 3
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    assert NodeDisk(blocked).get_or("plans", ("b",), make) == {"rows": [1, 2, 3]}  # cannot write: still served
+    assert list(tmp_path.glob("**/*.tmp")) == []

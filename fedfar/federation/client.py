@@ -14,7 +14,7 @@ import os
 import pickle
 import time
 from collections import OrderedDict
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Hashable, Mapping, TypeVar
@@ -80,13 +80,18 @@ class NodeDisk:
         except FileNotFoundError:
             pass
         except Exception:  # noqa: BLE001 -- a torn or stale entry is recomputed, never fatal
-            path.unlink(missing_ok=True)
+            with suppress(OSError):
+                path.unlink(missing_ok=True)
         value = make()
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        with tmp.open("wb") as fh:
-            pickle.dump(value, fh, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, path)  # two ClientApps of one node may write the same entry: the last rename wins whole
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tmp.open("wb") as fh:
+                pickle.dump(value, fh, protocol=pickle.HIGHEST_PROTOCOL)
+            os.replace(tmp, path)  # two ClientApps of one node may write one entry: the last rename wins, whole
+        except OSError:  # a full or read-only disk costs the next message its cache, never this message
+            with suppress(OSError):
+                tmp.unlink(missing_ok=True)
         return value
 
 
