@@ -148,10 +148,10 @@ class WorkerCache:
             def build():
                 return cfg.spec.attach(load_model(cfg.model, task.num_labels, seed=cfg.seed), cfg.seed)
 
-            identity = _model_identity(cfg.model)
             # transformers' from_pretrained spends ~0.6 s per process on its own set-up; a node reads the pickled
             # module back in a fraction (a hub id has no local files to key on: it is always loaded).
-            model = disk.get_or("models", (*key, *identity), build) if disk and identity else build()
+            identity = _model_identity(cfg.model) if disk is not None else ()
+            model = disk.get_or("models", (*key, *identity), build) if identity else build()
             self.models[key] = (model, {k: v.clone() for k, v in model.state_dict().items()})
             return model  # just built: pristine already
         model, pristine = self.models[key]
