@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from dataclasses import fields
 
 
@@ -59,7 +60,6 @@ def _run(args: argparse.Namespace) -> None:
     import json
     import time
     from datetime import datetime
-    from pathlib import Path
 
     from .federation.config import RunConfig
     from .federation.launch import PROJECT_DIR, run_config_values, run_simulation
@@ -163,6 +163,12 @@ def check_data(cfg) -> None:
         load_glue(task, split, cfg.data_source)
 
 
+def _node_worker(args: argparse.Namespace) -> None:
+    from .federation.node_worker import serve
+
+    serve(Path(args.socket), args.ready_file)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .finetune import FinetuneConfig
     from .methods import METHOD_HELP
@@ -235,6 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--days", type=int, default=730, help="validity of the server certificate")
     c.add_argument("--force", action="store_true", help="replace the files of an existing folder")
     c.set_defaults(func=_certs)
+
+    w = sub.add_parser("node-worker", help="a SuperNode's warm worker: serves its ClientApp's messages from one "
+                                           "long-lived process (node config worker=<socket>; docs/deployment.md)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    w.add_argument("--socket", required=True, help="Unix socket to serve on; the same path goes in the SuperNode's "
+                                                   "node config as worker=<path>")
+    w.add_argument("--ready-file", default="", help="written with the worker's pid once it accepts connections")
+    w.set_defaults(func=_node_worker)
     return p
 
 

@@ -13,9 +13,13 @@ certificate from a CA and admits only SuperNodes whose public key was registered
 each SuperNode verifies the SuperLink against the CA and signs its requests with its own ECDSA P-384 key. Without
 --certs a fresh CA and keys are generated in .flwr/deploy-demo/certs/.
 
-Unlike the simulation there is no Ray: each SuperNode runs every ClientApp call as a fresh process. All three
-servers bind 127.0.0.1 on ports free at start-up, keep their state and logs under .flwr/deploy-demo/, and are
-stopped by process id (with everything they spawned) however the run ends. Exit code: 0 if the run completed.
+Unlike the simulation there is no Ray: each SuperNode runs every ClientApp call as a fresh process. Beside each
+SuperNode runs its warm worker (`fedfar node-worker`, node config worker=<socket>): the fresh ClientApp process
+imports only Flower and hands the message to it, so torch, transformers and the model are loaded once per node,
+not once per message (--no-worker: every message in its own ClientApp process, as plain Flower does). All
+servers bind 127.0.0.1 on ports free at start-up (the workers: a Unix socket in the node's cache folder), keep
+their state and logs under .flwr/deploy-demo/, and are stopped by process id (with everything they spawned)
+however the run ends. Exit code: 0 if the run completed.
 
 `--cold-starts`: after the run, a table of every message's cold start (process start to its first training or
 evaluation step, from the ledger, split into Flower's start-up, this app's imports and opening the job) beside
@@ -52,11 +56,12 @@ NUM_NODES = 2
 TINY = {"num-rounds": 1, "max-train-examples": 64, "dev-examples": 128, "batch-size": 16}
 
 
-def node_config(i: int, devices: list[str], cache: Path) -> str:
-    """What a real SuperNode is started with: its partition, its disk cache (tokenized partition, device plan)
-    and, optionally, which device it is."""
+def node_config(i: int, devices: list[str], cache: Path, worker: Path | None = None) -> str:
+    """What a real SuperNode is started with: its partition, its disk cache (tokenized partition, device plan),
+    its warm worker's socket and, optionally, which device it is."""
     device = f" device='{devices[i]}'" if devices else ""
-    return f"partition-id={i} num-partitions={NUM_NODES} cache-dir='{cache}'{device}"
+    socket = f" worker='{worker}'" if worker else ""
+    return f"partition-id={i} num-partitions={NUM_NODES} cache-dir='{cache}'{socket}{device}"
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
@@ -107,13 +112,14 @@ def cold_start_report(folder: Path, repeats: int = 3) -> dict:
     to <folder>/coldstart.json."""
     rows = [json.loads(line) for line in (folder / "ledger.jsonl").read_text().splitlines() if line.strip()]
     messages = [{k: r[k] for k in ("round", "phase", "partition_id", "boot_s", "import_s", "to_step_s",
-                                   "cold_start_s") if k in r} for r in rows if "cold_start_s" in r]
+                                   "cold_start_s", "worker_s") if k in r} for r in rows if "cold_start_s" in r]
     floors = {name: import_floor(code, repeats) for name, code in FLOORS.items()}
     print(f"\ncold starts ({len(messages)} messages): process start -> first training/evaluation step, seconds")
-    print(f"{'round':>5} {'phase':<9} {'node':>4} {'Flower':>7} {'imports':>8} {'open':>6} {'total':>7}")
+    print(f"{'round':>5} {'phase':<9} {'node':>4} {'Flower':>7} {'imports':>8} {'open':>6} {'total':>7}  served by")
     for m in messages:
         print(f"{m['round']:>5} {m['phase']:<9} {m['partition_id']:>4} {m['boot_s']:>7.1f} {m['import_s']:>8.1f} "
-              f"{m['to_step_s']:>6.1f} {m['cold_start_s']:>7.1f}")
+              f"{m['to_step_s']:>6.1f} {m['cold_start_s']:>7.1f}  "
+              + ("the node's worker" if "worker_s" in m else "the ClientApp process"))
     report: dict = {"messages": messages, "floors_s": floors, "floor_repeats": repeats}
     if messages:
         median = statistics.median(m["cold_start_s"] for m in messages)
@@ -142,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"{NUM_NODES}); default: a fresh one in .flwr/deploy-demo/certs")
     p.add_argument("--insecure", action="store_true",
                    help="no TLS and no SuperNode authentication (Flower's --insecure): a lab-only opt-in")
+    p.add_argument("--no-worker", action="store_true",
+                   help="no warm node workers: every message runs in its own fresh ClientApp process")
     p.add_argument("--cold-starts", action="store_true",
                    help="after the run, report each message's cold start beside the import floor, measured now")
     args = p.parse_args(argv)
@@ -187,17 +195,31 @@ def main(argv: list[str] | None = None) -> int:
                     node_id = deploy.register_supernode(keys.node_pub(i), CONNECTION, env, project)
                     print(f"registered {keys.node_pub(i)} as node {node_id}", flush=True)
 
-            node_logs, used = [], {port}
+            sockets: list[Path | None] = [None] * NUM_NODES
+            if not args.no_worker:  # started first: their imports overlap the SuperNodes' start
+                ready, worker_logs = [], []
+                for i in range(NUM_NODES):
+                    (demo / f"cache-{i}").mkdir()
+                    sockets[i], ready_file = demo / f"cache-{i}" / "worker.sock", demo / f"cache-{i}" / "ready"
+                    ready.append(ready_file)
+                    worker_logs.append(demo / f"worker-{i}.log")
+                    procs.append(deploy.start_server(deploy.node_worker_command(sockets[i], ready_file), env,
+                                                     project, worker_logs[-1]))
+                    print(f"node worker {i} on {sockets[i]} (pid {procs[-1].pid})", flush=True)
+            node_logs, used, first_node = [], {port}, len(procs)
             for i in range(NUM_NODES):
                 node_port = launch.free_port(used)
                 used.add(node_port)
                 node_logs.append(demo / f"supernode-{i}.log")
                 command = deploy.supernode_command(f"127.0.0.1:{port}", node_port,
-                                                   node_config(i, devices, demo / f"cache-{i}"), ca,
+                                                   node_config(i, devices, demo / f"cache-{i}", sockets[i]), ca,
                                                    keys.node_key(i) if keys else None)
                 procs.append(deploy.start_server(command, env, project, node_logs[-1]))
                 print(f"SuperNode {i} on 127.0.0.1:{node_port} (pid {procs[-1].pid})", flush=True)
-            deploy.wait_for_nodes(NUM_NODES, CONNECTION, env, project, procs[1:], node_logs)
+            deploy.wait_for_nodes(NUM_NODES, CONNECTION, env, project, procs[first_node:], node_logs)
+            if not args.no_worker:
+                deploy.wait_for_workers(ready, procs[1:first_node], worker_logs)
+                print(f"{NUM_NODES} node workers ready after {time.monotonic() - t0:.1f} s", flush=True)
             print(f"{NUM_NODES} SuperNodes online after {time.monotonic() - t0:.1f} s", flush=True)
 
             run_log = demo / "flwr-run.log"

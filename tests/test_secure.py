@@ -239,15 +239,16 @@ def _wait_for_lines(log: Path, pattern: str, count: int, timeout: float, procs: 
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
-    """One secure SuperLink; nodes 0 and 1 registered; a node with a key nobody registered; a node with a
-    registered key but another CA as root certificate. One tiny round (1 round, no priming: the `random`
+    """One secure SuperLink; nodes 0 and 1 registered (node 0 with its warm worker, node 1 without); a node with
+    a key nobody registered; a node with a registered key but another CA as root certificate. One tiny round (1 round, no priming: the `random`
     selection draws the mask on the server, so each node runs only 2 ClientApp processes). Everything is
     stopped by process id before the tests look at what happened."""
     work = tmp_path_factory.mktemp("secure-federation")
     keys = certs.generate(work / "certs", supernodes=3)  # 0, 1 train; 2 is registered but gets the wrong CA
     rogue = certs.generate(work / "rogue", supernodes=1)  # another CA and a key pair nobody registered
     env = launch.flower_env(PROJECT) | {"FLWR_HOME": str(work / "flwr-home")}
-    logs = {name: work / f"{name}.log" for name in ("superlink", "node0", "node1", "unregistered", "wrong-ca")}
+    logs = {name: work / f"{name}.log" for name in ("superlink", "worker0", "node0", "node1", "unregistered",
+                                                    "wrong-ca")}
     procs: dict[str, subprocess.Popen] = {}
     out = SimpleNamespace(keys=keys, rogue=rogue, logs=logs, work=work, exit_codes={}, statuses={}, code=None,
                           left=set())
@@ -260,13 +261,18 @@ def federation(tmp_path_factory):
         deploy.write_connection(work / "flwr-home", CONNECTION, f"127.0.0.1:{port}", keys.ca_cert)
         out.node_ids = [deploy.register_supernode(keys.node_pub(i), CONNECTION, env, PROJECT) for i in range(3)]
 
+        (work / "node0").mkdir()
+        worker_ready = work / "node0" / "ready"
+        procs["worker0"] = deploy.start_server(deploy.node_worker_command(work / "node0" / "w.sock", worker_ready),
+                                               env, PROJECT, logs["worker0"])
         used = {port}
         starts = {"node0": (keys.ca_cert, keys.node_key(0)), "node1": (keys.ca_cert, keys.node_key(1)),
                   "unregistered": (keys.ca_cert, rogue.node_key(0)), "wrong-ca": (rogue.ca_cert, keys.node_key(2))}
         for i, (name, (ca, key)) in enumerate(starts.items()):
             used.add(node_port := launch.free_port(used))
+            worker = f" worker='{work / 'node0' / 'w.sock'}'" if name == "node0" else ""
             command = deploy.supernode_command(f"127.0.0.1:{port}", node_port,
-                                               f"partition-id={i % 2} num-partitions=2", ca, key,
+                                               f"partition-id={i % 2} num-partitions=2{worker}", ca, key,
                                                extra=["--max-retries", "2", "--max-wait-time", "120"])
             procs[name] = deploy.start_server(command, env, PROJECT, logs[name])
         _wait_for_lines(logs["superlink"], r"Activated node_id=(\d+)", 2, STARTUP_S, procs)
@@ -276,6 +282,7 @@ def federation(tmp_path_factory):
             except subprocess.TimeoutExpired:
                 out.exit_codes[name] = None
         out.statuses = deploy.node_statuses(CONNECTION, env, PROJECT)
+        deploy.wait_for_workers([worker_ready], [procs["worker0"]], [logs["worker0"]], timeout=STARTUP_S)
 
         overrides = {"num-rounds": 1, "method": "random25-emb", "save-model": False, "run-name": "secure",
                      "results-dir": str(work / "results")}
@@ -308,6 +315,11 @@ def test_registered_nodes_train_a_round_over_tls(federation):
     train = [e for e in ledger if e["phase"] == "train"]
     assert {e["node_id"] for e in train} == registered and all(e["status"] == "ok" for e in train)
     assert json.loads((federation.results / "summary.json").read_text())["clients"] == 2
+    # Node 0's messages were served by its warm worker, node 1's by their own ClientApp processes; every message
+    # reports its cold start from its ClientApp process's start either way.
+    for partition, served in ((0, True), (1, False)):
+        entries = [e for e in ledger if e.get("partition_id") == partition and e["phase"] == "train"]
+        assert entries and all(("worker_s" in e) == served and e["cold_start_s"] > 0 for e in entries)
     for i in range(2):
         log = federation.logs[f"node{i}"].read_text(errors="replace")
         assert f"SuperNode ID: {federation.node_ids[i]}" in log

@@ -320,6 +320,23 @@ def _records(metrics: dict, device: dict | None = None, **arrays: ArrayRecord) -
     return RecordDict(content)
 
 
+def handle(kind: str, content: RecordDict, run_config: Mapping, node_config: Mapping, state: RecordDict) -> RecordDict:
+    """One message's reply records: `kind` is the ClientApp handler ("register", "prime", "train", "evaluate"),
+    `state` the node's Flower state (local masks keep the device's learners in it). Run in the ClientApp's own
+    process, or in the node's warm worker (fedfar.federation.node_worker)."""
+    if kind == "register":
+        return register_reply(run_config, node_config)
+    server_round = int(content["config"]["server-round"]) if "config" in content else 0
+    job = Job.open(run_config, node_config, server_round)
+    if kind == "prime":
+        return job.prime()
+    if kind == "train":
+        return job.train(content["part"], state)
+    if kind == "evaluate":
+        return job.evaluate(content["part"])
+    raise ValueError(f"unknown message kind {kind!r}: expected register, prime, train or evaluate")
+
+
 def register_reply(run_config: Mapping, node_config: Mapping) -> RecordDict:
     """Start of a run: which partition and which simulated device this node is (none if devices are off)."""
     profile = CACHE.profile(RunConfig.from_flower(run_config), node_config)

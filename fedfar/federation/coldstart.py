@@ -4,6 +4,8 @@ In a Flower 1.41 deployment every message a SuperNode receives runs in a fresh `
 message pays Python's start, Flower's own set-up (pulling the message, installing the FAB), importing this app,
 opening the job (partition, model, device plan) and only then trains. The first message a process serves reports
 where that time went; later ones (a simulation's long-lived Ray workers) report nothing, they start warm.
+A node's warm worker (fedfar.federation.node_worker) serves each message on behalf of a fresh ClientApp process:
+it `adopt`s that process's start and marks, so the figures still run from the ClientApp process's start.
 
 Times are wall-clock (`time.time()`), because the process start is the kernel's wall-clock record of it.
 Deliberately light: imported first by the ClientApp module, before anything heavy, to time the imports.
@@ -29,6 +31,19 @@ def message_started() -> bool:
     global _served
     _served += 1
     return _served == 1
+
+
+def snapshot() -> dict:
+    """This process's start and marks, for the worker that serves its message."""
+    return {"process-start": PROCESS_START, "marks": dict(_marks)}
+
+
+def adopt(snap: dict) -> None:
+    """Count from another process's start and marks (a ClientApp process whose message this worker serves)."""
+    global PROCESS_START, _served
+    PROCESS_START, _served = float(snap["process-start"]), 0
+    _marks.clear()
+    _marks.update({str(k): float(v) for k, v in snap["marks"].items()})
 
 
 def figures() -> dict[str, float]:

@@ -49,6 +49,26 @@ def supernode_command(superlink: str, port: int, node_config: str, ca: Path | No
     return [*command, *extra]
 
 
+def node_worker_command(socket: Path, ready: Path) -> list[str]:
+    """`fedfar node-worker`: the node's warm worker on `socket` (fedfar.federation.node_worker), writing `ready`
+    once it accepts connections. Its SuperNode's node config names the same socket as worker=<socket>."""
+    return [bin_path("fedfar"), "node-worker", "--socket", str(socket), "--ready-file", str(ready)]
+
+
+def wait_for_workers(ready: Sequence[Path], procs: Sequence[subprocess.Popen], logs: Sequence[Path],
+                     timeout: float = 180.0) -> None:
+    """Until every node worker has written its ready file; raise, naming the log, as soon as one exits."""
+    deadline = time.monotonic() + timeout
+    while not all(path.exists() for path in ready):
+        for proc, log in zip(procs, logs):
+            if proc.poll() is not None:
+                raise RuntimeError(f"node worker exited with code {proc.returncode}; see {log}" + tail_logs([log]))
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"node workers not ready after {timeout:.0f} s; see " + ", ".join(map(str, logs))
+                               + tail_logs(list(logs)))
+        time.sleep(0.2)
+
+
 def write_connection(flwr_home: Path, name: str, address: str, ca: Path | None) -> Path:
     """Set [superlink.<name>] in $FLWR_HOME/config.toml (created with Flower's defaults if absent): TLS verified
     with `ca` (Flower wants an absolute path and no `insecure` key), or `insecure = true` if None."""
