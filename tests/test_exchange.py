@@ -169,3 +169,110 @@ def test_check_delta_enforces_the_mask_and_the_norm_bound():
         exchange.check_delta(delta, plan, state, allowed_rows=[torch.tensor([1, 2])])
     with pytest.raises(ValueError, match="norm 2.449"):
         exchange.check_delta(delta, plan, state, max_norm=2.4)
+
+
+def test_select_of_a_sliced_plan_needs_rows_for_every_ffn_block():
+    model = tiny_model()
+    plan = parse_method("far25-attn").exchange_plan(model)
+    state = model.state_dict()
+    rows = random_learners(ffn_sizes(model), 0.25, seed=0)
+    message = "a sliced plan needs row indices for each of its 2 FFN blocks"
+    for bad in (None, rows[:1]):  # no rows at all, or rows for only the first block
+        with pytest.raises(ValueError) as err:
+            exchange.select(state, plan, bad)
+        assert str(err.value) == message
+
+
+def test_a_part_that_does_not_match_the_plan_names_at_most_five_missing_and_five_unexpected_keys():
+    plan = exchange.ExchangePlan(dense=tuple(f"t{j}" for j in range(7)), ffn=())
+    part = {f"x{j}": torch.zeros(1) for j in range(7)}
+    with pytest.raises(ValueError) as err:
+        exchange.write({}, part, plan)
+    assert str(err.value) == ("part does not match the exchange plan: missing ['t0', 't1', 't2', 't3', 't4'], "
+                              "unexpected ['x0', 'x1', 'x2', 'x3', 'x4']")
+
+
+def test_the_norm_bound_is_on_the_l2_norm_of_the_whole_update_and_includes_the_bound():
+    plan, state = _toy_plan_and_state()
+    delta = _delta([1], 0.0, [3.0, -4.0])  # FFN values 0, head (3, -4): norm exactly 5
+    exchange.check_delta(delta, plan, state, max_norm=5.0)  # at the bound: accepted
+    exchange.check_delta(delta, plan, state, max_norm=0.0)  # 0 = no bound
+    for bound in (4.99, 0.5):
+        with pytest.raises(ValueError) as err:
+            exchange.check_delta(delta, plan, state, max_norm=bound)
+        assert str(err.value) == f"update norm 5 exceeds the bound max-update-norm = {bound:g}"
+
+
+def test_trimmed_mean_averages_the_values_it_keeps_with_the_default_trim_of_a_tenth():
+    plan, _ = _toy_plan_and_state()
+    # trim 0.25 of 4 values: drop 1 at each end, average the middle two: (2 + 4) / 2
+    _, state = _toy_plan_and_state()
+    exchange.merge_deltas(state, [(_delta([0], v, [v, -v]), 1.0) for v in (1.0, 2.0, 4.0, 100.0)], plan,
+                          aggregator="trimmed-mean", trim=0.25)
+    assert state["w1"].flatten().tolist() == [3.0, 0.0, 0.0, 0.0]
+    assert state["head"].tolist() == [3.0, -3.0]
+    # default trim 0.1 of 10 values: drop 1 at each end, average 1..8 -> 4.5 (the outlier 1000 is gone)
+    _, state = _toy_plan_and_state()
+    values = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 1000.0]
+    exchange.merge_deltas(state, [(_delta([2], v, [v, 0.0]), 1.0) for v in values], plan, aggregator="trimmed-mean")
+    assert state["b1"].tolist() == [0.0, 0.0, 4.5, 0.0]
+    assert state["head"].tolist() == [4.5, 0.0]
+
+
+def test_the_mean_depends_only_on_the_relative_weights_fractions_included():
+    plan, state = _toy_plan_and_state()
+    # as test_global_mask_aggregation_is_weighted_fedavg, with weights 1 : 3 given as 0.125 : 0.375
+    exchange.merge_deltas(state, [(_delta([1, 3], 4.0, [1.0, 0.0]), 0.125),
+                                  (_delta([1, 3], 8.0, [0.0, 2.0]), 0.375)], plan)
+    assert state["w1"].flatten().tolist() == [0.0, 7.0, 0.0, 7.0]
+    assert state["b1"].tolist() == [0.0, 7.0, 0.0, 7.0]
+    assert state["head"].tolist() == [0.25, 1.5]
+    # a row one client sent with weight 0.125 moves by exactly that client's delta
+    _, state = _toy_plan_and_state()
+    exchange.merge_deltas(state, [(_delta([0], 4.0, [0.0, 0.0]), 0.125), (_delta([2], 8.0, [0.0, 0.0]), 0.375)],
+                          plan)
+    assert state["w2"].flatten().tolist() == [4.0, 0.0, 8.0, 0.0]
+
+
+def test_ffn_rows_are_accumulated_in_double_precision_and_rounded_once():
+    plan, state = _toy_plan_and_state()
+    tiny = 2.0**-24  # half a float32 ulp of 1: lost if added to 1 in float32, kept in float64
+    exchange.merge_deltas(state, [(_delta([0], v, [0.0, 0.0]), 1.0) for v in (1.0, tiny, tiny)], plan)
+    expected = torch.tensor((1.0 + 2 * tiny) / 3, dtype=torch.float64).float().item()  # 0.33333337, not 0.33333334
+    assert expected != torch.tensor(1.0 / 3).item()
+    for name in ("w1", "b1", "w2"):
+        assert state[name].flatten()[0].item() == expected, name
+
+
+@pytest.mark.parametrize("aggregator", exchange.AGGREGATORS)
+def test_a_float64_model_is_merged_in_float64(aggregator):
+    plan, state = _toy_plan_and_state()
+    state = {k: v.double() for k, v in state.items()}
+    f64 = dict(dtype=torch.float64)
+    deltas = [({"head": torch.tensor([v, 2 * v], **f64), "ffn.0.rows": torch.tensor([0, 1]),
+                "ffn.0.w1": torch.full((2, 1), v, **f64), "ffn.0.b1": torch.full((2,), v, **f64),
+                "ffn.0.w2": torch.full((1, 2), v, **f64)}, 1.0) for v in (0.1, 0.2, 0.4)]
+    exchange.merge_deltas(state, deltas, plan, aggregator=aggregator, trim=0.0)
+    # mean and trimmed mean (trim 0): 0.7 / 3; median: 0.2 -- each in float64, not rounded through float32
+    stat = 0.2 if aggregator == "median" else 0.7 / 3
+    for name in ("w1", "b1", "w2"):
+        assert state[name].dtype == torch.float64
+        torch.testing.assert_close(state[name].flatten(), torch.tensor([stat, stat, 0.0, 0.0], dtype=torch.float64),
+                                   rtol=1e-15, atol=0)
+    torch.testing.assert_close(state["head"], torch.tensor([stat, 2 * stat], dtype=torch.float64), rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("aggregator", exchange.AGGREGATORS)
+def test_half_precision_deltas_are_merged_in_the_models_float32(aggregator):
+    # check_delta accepts any floating delta (the float16 / bfloat16 codecs ship such); the arithmetic must not
+    # run in bfloat16, whose 8-bit mantissa cannot hold 1 + 2^-8 or 3 x (1 + 2^-7).
+    plan, state = _toy_plan_and_state()
+    one_plus = 1.0 + 2.0**-7  # exact in bfloat16
+    deltas = [(_delta([1], v, [v, v]), w) for v, w in ((1.0, 1.0), (one_plus, 3.0))]
+    deltas = [({k: t.bfloat16() if t.is_floating_point() else t for k, t in d.items()}, w) for d, w in deltas]
+    exchange.check_delta(deltas[0][0], plan, state)
+    exchange.merge_deltas(state, deltas, plan, aggregator=aggregator, trim=0.0)
+    # mean: (1 x 1 + 3 x (1 + 2^-7)) / 4 = 1.005859375; median, trimmed mean (unweighted): (1 + 1 + 2^-7) / 2
+    stat = (1.0 + 3 * one_plus) / 4 if aggregator == "mean" else (1.0 + one_plus) / 2
+    assert state["head"].dtype == torch.float32 and state["head"].tolist() == [stat, stat]
+    assert state["w1"].flatten().tolist() == [0.0, stat, 0.0, 0.0]

@@ -138,3 +138,63 @@ def test_a_client_update_under_lora_sends_adapter_and_head_deltas_the_server_ave
     exchange.merge_deltas(state, [(deltas[0], 1.0), (deltas[1], 3.0)], plan)
     for n in plan.dense:
         torch.testing.assert_close(state[n], down[n] + (deltas[0][n] + 3 * deltas[1][n]) / 4)
+
+
+def test_rank_is_a_whole_number_from_one_up():
+    assert LoRA(rank=1).label == "lora1" and parse_method("lora1") == LoRA(rank=1)
+    for bad in (0, True, 2.5):
+        with pytest.raises(ValueError) as err:
+            LoRA(rank=bad)
+        assert str(err.value) == f"LoRA's rank must be a whole number >= 1, e.g. lora8; got {bad!r}"
+
+
+def test_an_unknown_target_names_both_valid_forms_at_the_requested_rank():
+    with pytest.raises(ValueError) as err:
+        LoRA(rank=4, targets="emb")
+    assert str(err.value) == ("unknown LoRA target 'emb': choose lora4 (the attention query and value projections) "
+                              "or lora4-all (every linear layer of the encoder blocks)")
+
+
+def test_alpha_defaults_to_twice_the_rank_and_dropout_to_a_tenth_and_both_reach_the_adapters():
+    layers = lora_modules(LoRA().attach(tiny_model())).values()  # lora8: alpha 16, scaling alpha / r = 2
+    assert all(m.scaling["default"] == 2.0 for m in layers)
+    assert all(type(m.lora_dropout["default"]) is nn.Dropout and m.lora_dropout["default"].p == 0.1 for m in layers)
+    layers = lora_modules(LoRA(rank=4, alpha=0.5, dropout=0.0).attach(tiny_model())).values()  # any alpha > 0
+    assert all(m.scaling["default"] == 0.125 for m in layers)
+    assert all(type(m.lora_dropout["default"]) is nn.Identity for m in layers)
+    with pytest.raises(ValueError) as err:
+        LoRA(alpha=-1)
+    assert str(err.value) == "LoRA's alpha must be > 0, got -1"
+
+
+@pytest.mark.parametrize("missing", ["query", "value"])
+def test_a_layout_missing_either_query_or_value_gets_the_full_instruction(monkeypatch, missing):
+    monkeypatch.setitem(ARCHITECTURES, "bert", replace(ARCHITECTURES["bert"], **{missing: None}))
+    with pytest.raises(ValueError) as err:
+        LoRA().attach(tiny_model())
+    assert str(err.value) == ("LoRA's default targets are the attention query and value projections, and the layout "
+                              "of model type 'bert' names none: add query= and value= to its Layout in "
+                              "fedfar.methods.arch, or use lora<r>-all")
+
+
+def test_making_adapters_trainable_before_attaching_them_says_to_attach_first():
+    with pytest.raises(ValueError) as err:
+        LoRA(rank=4).trainable(tiny_model())
+    assert str(err.value) == "lora4: the model has no adapters; attach them first (LoRA.attach)"
+
+
+def test_attach_and_prepare_draw_the_adapters_from_seed_0_by_default_and_prepare_passes_its_seed_on():
+    def a_weights(model):
+        return [m.lora_A["default"].weight for m in lora_modules(model).values()]
+
+    method = LoRA(rank=4)
+    seed0, seed3 = a_weights(method.attach(tiny_model(), seed=0)), a_weights(method.attach(tiny_model(), seed=3))
+    assert all(torch.equal(x, y) for x, y in zip(a_weights(method.attach(tiny_model())), seed0))
+    model = tiny_model()
+    assert method.prepare(model) == {}
+    assert all(torch.equal(x, y) for x, y in zip(a_weights(model), seed0))
+    model = tiny_model()
+    method.prepare(model, seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(a_weights(model), seed3))
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n for n, _ in model.named_parameters() if ".lora_" in n or n.startswith("classifier.")}

@@ -83,8 +83,9 @@ class LoRA(Method):
         config = LoraConfig(r=self.rank, lora_alpha=self.alpha or 2 * self.rank, lora_dropout=self.dropout,
                             target_modules=self.target_modules(model), bias="none")
         # A is drawn from the seed, B starts at zero: the attached model computes exactly what the pretrained did.
-        # A forked generator keeps the caller's random stream (dropout, shuffling) as it would be without LoRA.
-        with torch.random.fork_rng(devices=[]):
+        # A forked generator keeps the caller's random stream (dropout, shuffling) as it would be without LoRA;
+        # manual_seed reseeds every CUDA generator too, so those are forked as well.
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
             torch.manual_seed(seed)
             inject_adapter_in_model(config, model)
         self.trainable(model)
