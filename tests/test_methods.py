@@ -51,15 +51,15 @@ def _part(name: str, prefix: str) -> str:
     rel = name[len(prefix) + 1:] if prefix else name
     if rel.startswith("pooler."):
         return "head"
-    if rel.startswith("embeddings."):
-        return "embeddings"  # the tables and the embeddings' own LayerNorm
+    if rel.startswith(("embeddings.", "embeddings_project.")):
+        return "embeddings"  # the tables, the embeddings' own LayerNorm, ELECTRA's projection to the hidden size
     if "LayerNorm" in rel or "layer_norm" in rel:
         return "layernorm"  # every LayerNorm of the blocks, BERT's inside its attention too
     if ".attention." in rel:
         return "attention"
     if ".intermediate.dense." in rel or ".output.dense." in rel or ".ffn." in rel:
         return "ffn"
-    return "other"  # ELECTRA's embeddings_project: no switch names it, it trains
+    raise AssertionError(f"{name}: no documented part")
 
 
 def _expected(model: nn.Module, text: str, prefix: str | None = None) -> set[str]:
@@ -74,8 +74,6 @@ def _expected(model: nn.Module, text: str, prefix: str | None = None) -> set[str
         part = _part(n, prefix)
         if part == "ffn":
             trains = "_frozen" not in n  # full: every FFN tensor; far/random: learner rows and b2
-        elif part == "other":
-            trains = True
         else:
             trains = getattr(policy, part)
         if trains:

@@ -74,8 +74,9 @@ def apply_policy(model: nn.Module, policy: Policy) -> None:
     for block in blocks(model):
         for path in (layout.fc1, layout.fc2):
             ffn_params.update(id(p) for p in get_attr(block, path).parameters())
+    in_base = {id(p) for p in base.parameters()}
     groups: list[tuple[bool, list[nn.Parameter]]] = [
-        (policy.head, [p for n, p in model.named_parameters() if not n.startswith(model.base_model_prefix + ".")]),
+        (policy.head, [p for p in model.parameters() if id(p) not in in_base]),  # the head, outside the base
         (policy.embeddings, list(get_attr(base, layout.embeddings).parameters())),
         (policy.attention, [p for b in blocks(model) for p in get_attr(b, layout.attention).parameters()]),
     ]
@@ -86,6 +87,11 @@ def apply_policy(model: nn.Module, policy: Policy) -> None:
     embedding_params = {id(p) for p in get_attr(base, layout.embeddings).parameters()}
     groups.append((policy.layernorm, [p for m in model.modules() if _is_layernorm(m) for p in m.parameters(False)
                                       if id(p) not in embedding_params]))
+    # What the base model holds outside the embeddings and the blocks sits between them (ELECTRA's
+    # embeddings_project): it goes with the embeddings, so frozen embeddings freeze everything below block 1.
+    placed = ffn_params | {id(p) for _, params in groups for p in params} \
+        | {id(p) for b in blocks(model) for p in b.parameters()}
+    groups.insert(0, (policy.embeddings, [p for p in base.parameters() if id(p) not in placed]))
     for trains, params in groups:
         for p in params:
             if id(p) not in ffn_params:
