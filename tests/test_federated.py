@@ -136,6 +136,10 @@ def test_ledger_counts_exactly_what_was_serialized(runs):
     assert ledger.cum_bytes_up.iloc[-1] == ledger.bytes_up.sum()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["mb_up"] == pytest.approx(train.bytes_up.sum() / 1e6)
+    # Beside it, what FedAvg-full would have sent for the same 4 training messages: every parameter, float32.
+    full = 4 * sum(p.numel() for p in load_model(_cfg(run).model, 2, seed=0).parameters())
+    assert summary["train_messages"] == 4
+    assert summary["fedavg_full_mb_down"] == summary["fedavg_full_mb_up"] == pytest.approx(4 * full / 1e6, rel=1e-12)
 
 
 def test_frozen_parameters_of_the_global_model_never_change(runs):
@@ -255,6 +259,8 @@ def test_a_device_over_budget_fails_as_configured_and_the_run_goes_on(runs):
     assert rounds.sim_time_s.iloc[-1] == pytest.approx(slowest.sum())
     summary = json.loads((run / "summary.json").read_text())
     assert summary["participation"] == 0.5 and summary["devices_never_trained"] == ["1:cramped"]
+    # FedAvg-full's comparison counts what was sent down (4 messages) and the updates that came back (2).
+    assert summary["fedavg_full_mb_down"] == pytest.approx(2 * summary["fedavg_full_mb_up"], rel=1e-12)
 
 
 def test_a_device_over_budget_adapts_and_a_straggler_misses_the_deadline(runs):

@@ -18,7 +18,7 @@ from ..models import load_model, load_tokenizer, quiet_libraries
 from . import checkpoint, linkstate
 from .client import evaluate
 from .config import RunConfig
-from .results import RunFolder, device_summary
+from .results import RunFolder, device_summary, read_jsonl
 from .strategy import FedFar
 
 app = ServerApp()
@@ -43,7 +43,9 @@ def main(grid: Grid, context: Context) -> None:
         folder = RunFolder(Path(cfg.results_dir) / name)
         folder.write_json("config.json", cfg.as_dict())
 
-    model = cfg.spec.attach(load_model(cfg.model, task.num_labels, seed=cfg.seed), cfg.seed)
+    model = load_model(cfg.model, task.num_labels, seed=cfg.seed)
+    full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # what FedAvg-full ships
+    model = cfg.spec.attach(model, cfg.seed)
     num_nodes = len(list(grid.get_node_ids()))
     check_fleet(cfg, num_nodes, model)  # a device that cannot even run the model fails the run here, not later
     tokenizer = load_tokenizer(cfg.model)
@@ -69,6 +71,7 @@ def main(grid: Grid, context: Context) -> None:
         "server_wall_s": wall, "setup_s": setup_s, "busy_s": out["busy_s"],
         "overhead_s": wall - out["busy_s"], "overhead_share": (wall - out["busy_s"]) / wall,
     }
+    summary.update(fedavg_full_traffic(folder, full_bytes))
     if out["devices"]:
         summary.update(device_summary(folder, out["history"], task.primary_metric))
     if cfg.save_model:
@@ -80,6 +83,11 @@ def main(grid: Grid, context: Context) -> None:
         f"fedfar run {name}: {task.name}, {cfg.model}, {cfg.label}, {num_nodes} clients, {cfg.num_rounds} rounds",
         f"  dev {task.primary_metric:<8} {summary['initial_metric']:.4f} -> {summary['final_metric']:.4f}",
         f"  uplink   {summary['mb_up']:10.2f} MB   downlink {summary['mb_down']:10.2f} MB   (serialized by Flower)",
+        f"  FedAvg-full would have sent {summary['fedavg_full_mb_up']:.2f} MB up and "
+        f"{summary['fedavg_full_mb_down']:.2f} MB down for the same {summary['train_messages']} training messages "
+        f"(the whole model in float32 each way, {full_bytes / 1e6:.2f} MB): this run sent "
+        f"{(summary['mb_up'] + summary['mb_down']) / max(summary['fedavg_full_mb_up'] + summary['fedavg_full_mb_down'], 1e-12):.3f}x "
+        "of that in all",
         f"  wall     {wall:10.1f} s    training+evaluation {out['busy_s']:.1f} s, "
         f"other {summary['overhead_s']:.1f} s ({100 * summary['overhead_share']:.1f}%: set-up, loading, "
         "serialization, aggregation)",
@@ -90,6 +98,18 @@ def main(grid: Grid, context: Context) -> None:
     ]
     for line in lines:
         log(INFO, line)
+
+
+def fedavg_full_traffic(folder: RunFolder, full_bytes: int) -> dict:
+    """What FedAvg with full fine-tuning would have sent for this run's training messages: the whole model's
+    parameters in float32 down to every client sent a training message, and a delta of the same size up from
+    every client that replied with one (tensor bytes; Flower's framing adds well under 0.1%). Priming and
+    evaluation messages are not counted for it, though this run's own totals include them."""
+    ledger = read_jsonl(folder.path / "ledger.jsonl")
+    train = ledger[ledger["phase"] == "train"] if len(ledger) else ledger
+    sent, replied = len(train), int((train["status"] == "ok").sum()) if len(train) else 0
+    return {"train_messages": sent, "fedavg_full_mb_down": sent * full_bytes / 1e6,
+            "fedavg_full_mb_up": replied * full_bytes / 1e6}
 
 
 def check_same_run(folder: RunFolder, cfg: RunConfig) -> None:
