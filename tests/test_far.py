@@ -302,3 +302,241 @@ def test_split_branches_share_one_storage_and_a_copied_layer_computes_the_same()
     assert torch.equal(outputs[0], outputs[1])
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------ the split FFN against a stock FFN, exactly
+def _stock_and_split(storage, act, learners, d_in=6, d_ff=16, d_out=5, bias1=True, bias2=True, dtype=torch.float64,
+                     dropout=0.0):
+    """A stock (fc1, fc2) pair and a SplitFFN cut from a copy of it (the split keeps fc2's very bias Parameter)."""
+    torch.manual_seed(0)
+    fc1 = nn.Linear(d_in, d_ff, bias=bias1, dtype=dtype)
+    fc2 = nn.Linear(d_ff, d_out, bias=bias2, dtype=dtype)
+    split = SplitFFN(copy.deepcopy(fc1), copy.deepcopy(fc2), act, learners, storage, dropout=dropout)
+    return fc1, fc2, split
+
+
+_ACTS = [nn.GELU(), nn.GELU(approximate="tanh"), nn.ReLU(), nn.SiLU()]
+
+
+@pytest.mark.parametrize("x_needs_grad", [True, False], ids=["input-grad", "no-input-grad"])
+@pytest.mark.parametrize("act", _ACTS, ids=["gelu", "gelu_tanh", "relu", "silu"])
+@pytest.mark.parametrize("storage", ["float32", "bfloat16", "recompute"])
+def test_float64_split_ffn_output_and_gradients_equal_the_stock_ffn(storage, act, x_needs_grad):
+    # float64 end to end: no float32 scratch tensor may creep in (exact to 1e-12, bfloat16's input gradient aside).
+    learners = torch.tensor([0, 4, 9, 15])
+    fc1, fc2, split = _stock_and_split(storage, act, learners)
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=x_needs_grad)
+    g = torch.randn(2, 3, 5, dtype=torch.float64)
+    x_ref = x.detach().clone().requires_grad_(x_needs_grad)
+    y_ref = fc2(act(fc1(x_ref)))
+    y_ref.backward(g)
+    y = split(x)
+    y.backward(g)
+    assert y.dtype == torch.float64 and y.shape == (2, 3, 5)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    for ours, ref in [(split.w1_learner, fc1.weight.grad[learners]), (split.b1_learner, fc1.bias.grad[learners]),
+                      (split.w2_learner, fc2.weight.grad[:, learners]), (split.b2, fc2.bias.grad)]:
+        assert ours.grad.dtype == torch.float64
+        torch.testing.assert_close(ours.grad, ref, rtol=1e-12, atol=1e-12)
+    if x_needs_grad:
+        tol = 2e-2 if storage == "bfloat16" else 1e-12
+        torch.testing.assert_close(x.grad, x_ref.grad, rtol=tol, atol=tol)
+    else:
+        assert x.grad is None
+
+
+@pytest.mark.parametrize("frozen", [("w1_learner",), ("b1_learner",), ("w2_learner",), ("b2",),
+                                    ("w1_learner", "b1_learner", "w2_learner", "b2")],
+                         ids=["w1", "b1", "w2", "b2", "all-weights"])
+@pytest.mark.parametrize("storage", ["float32", "recompute"])
+def test_split_ffn_gives_gradients_to_exactly_the_tensors_that_need_them(frozen, storage):
+    # Any learner tensor can be switched off (a bias-free variant, an input-attribution pass over a frozen model):
+    # it gets no gradient and every other tensor, the input included, still gets the stock one.
+    learners = torch.tensor([1, 2, 7, 11])
+    fc1, fc2, split = _stock_and_split(storage, nn.GELU(), learners)
+    for name in frozen:
+        getattr(split, name).requires_grad_(False)
+    x = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    g = torch.randn(7, 5, dtype=torch.float64)
+    fc2(F.gelu(fc1(x_ref))).backward(g)
+    split(x).backward(g)
+    refs = {"w1_learner": fc1.weight.grad[learners], "b1_learner": fc1.bias.grad[learners],
+            "w2_learner": fc2.weight.grad[:, learners], "b2": fc2.bias.grad}
+    for name, ref in refs.items():
+        grad = getattr(split, name).grad
+        if name in frozen:
+            assert grad is None, name
+        else:
+            torch.testing.assert_close(grad, ref, rtol=1e-12, atol=1e-12, msg=name)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_relu_derivative_at_exactly_zero_is_zero_as_in_stock_autograd():
+    # A zero-initialised node has pre-activation exactly 0 for every token; ReLU'(0) = 0 in PyTorch, so such a
+    # node must get no gradient from the split layer either.
+    learners = torch.tensor([3, 8])
+    torch.manual_seed(0)
+    fc1, fc2 = nn.Linear(6, 12, dtype=torch.float64), nn.Linear(12, 5, dtype=torch.float64)
+    with torch.no_grad():
+        fc1.weight[[3, 5]] = 0.0  # node 3 a learner, node 5 frozen
+        fc1.bias[[3, 5]] = 0.0
+    split = SplitFFN(copy.deepcopy(fc1), copy.deepcopy(fc2), nn.ReLU(), learners, "float32")
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    fc2(F.relu(fc1(x_ref))).sum().backward()
+    split(x).sum().backward()
+    assert split.b1_learner.grad[0] == 0.0 and not split.w1_learner.grad[0].any()
+    torch.testing.assert_close(split.b1_learner.grad, fc1.bias.grad[learners], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(split.w1_learner.grad, fc1.weight.grad[learners], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bias1,bias2", [(True, True), (False, True), (True, False), (False, False)])
+def test_merge_gives_back_the_original_layers_bit_for_bit_with_or_without_biases(bias1, bias2):
+    fc1, fc2, split = _stock_and_split("recompute", nn.GELU(), torch.tensor([2, 3, 13]), bias1=bias1, bias2=bias2)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    torch.testing.assert_close(split(x), fc2(F.gelu(fc1(x))), rtol=1e-12, atol=1e-12)
+    # A bias the stock layer lacked is not trained: b2 trains exactly when fc2 had a bias.
+    assert split.b2.requires_grad == bias2
+    m1, m2 = split.merge()
+    for merged, stock in ((m1, fc1), (m2, fc2)):
+        assert isinstance(merged, nn.Linear) and merged.weight.dtype == torch.float64
+        assert merged.state_dict().keys() == stock.state_dict().keys()
+        for name, value in stock.state_dict().items():
+            assert torch.equal(merged.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("bias1,bias2", [(True, False), (False, True), (False, False)])
+def test_a_bias_free_ffn_trains_and_merges_back_to_what_it_computed(bias1, bias2):
+    # A missing bias is zeros that stay zeros: it must neither train nor be dropped with what it learned.
+    _, _, split = _stock_and_split("bfloat16", nn.GELU(), torch.tensor([0, 5]), bias1=bias1, bias2=bias2)
+    opt = torch.optim.SGD([p for p in split.parameters() if p.requires_grad], lr=0.5)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    split(x).pow(2).sum().backward()
+    opt.step()
+    m1, m2 = split.merge()
+    assert (m1.bias is None) == (not bias1) and (m2.bias is None) == (not bias2)
+    torch.testing.assert_close(m2(F.gelu(m1(x))), split(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("storage", ["float32", "bfloat16", "recompute"])
+def test_everything_the_split_creates_lives_on_the_device_of_its_weights(storage):
+    # The meta device stands in for a GPU (a model reconfigured on the GPU mid-training): any scratch or index
+    # tensor left on the CPU shows, and copying out of a meta tensor fails outright.
+    fc1, fc2 = nn.Linear(8, 24, device="meta"), nn.Linear(24, 8, device="meta")
+    split = SplitFFN(fc1, fc2, nn.GELU(), torch.tensor([1, 5, 6]), storage)
+    assert {t.device.type for t in [*split.parameters(), *split.buffers()]} == {"meta"}
+    x = torch.empty(3, 8, device="meta", requires_grad=True)
+    split(x).sum().backward()
+    assert x.grad.device.type == "meta" and split.w1_learner.grad.device.type == "meta"
+    m1, m2 = split.merge()
+    assert {t.device.type for t in [*m1.parameters(), *m2.parameters()]} == {"meta"}
+
+
+def test_split_ffn_defaults_and_argument_checks():
+    fc1, fc2 = nn.Linear(4, 10), nn.Linear(10, 4)
+    assert SplitFFN(fc1, fc2, nn.GELU(), [1]).preact_storage == "bfloat16"  # the memory-saving default
+    with pytest.raises(ValueError) as err:
+        SplitFFN(fc1, fc2, nn.GELU(), [1], "float16")
+    assert str(err.value) == "preact_storage 'float16': choose one of ('float32', 'bfloat16', 'recompute')"
+    with pytest.raises(ValueError) as err:
+        SplitFFN(fc1, fc2, nn.GELU(), [-1, 3])
+    assert str(err.value) == "learner indices must lie in [0, 10), got -1..3"
+    # Indices of any integer type, unsorted, repeated: kept sorted, unique and int64 like every index tensor.
+    split = SplitFFN(fc1, fc2, nn.GELU(), torch.tensor([7, 1, 3, 7], dtype=torch.int32))
+    assert split.learner_index.dtype == split.frozen_index.dtype == torch.long
+    assert split.learner_index.tolist() == [1, 3, 7]
+    assert split.frozen_index.tolist() == [0, 2, 4, 5, 6, 8, 9]
+
+
+def test_split_ffn_without_dropout_draws_no_random_numbers():
+    # Evaluation (and a block without dropout) must not move the global RNG: later draws stay reproducible.
+    _, _, split = _stock_and_split("recompute", nn.GELU(), torch.tensor([1, 2]), dtype=torch.float32, dropout=0.1)
+    x = torch.randn(5, 6, requires_grad=True)
+    for layer in (split.eval(), _stock_and_split("recompute", nn.GELU(), torch.tensor([1]), dtype=torch.float32)[2]):
+        state = torch.get_rng_state()
+        layer(x).sum().backward()
+        assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_folded_dropout_keeps_an_element_exactly_when_its_uniform_draw_is_at_least_p():
+    # The mask is `torch.rand_like(y) >= p` on the global generator: reproducible from the seed, boundary included
+    # (p is set to one of the very uniforms drawn, so one element sits exactly on it and must be kept).
+    _, _, split = _stock_and_split("float32", nn.GELU(), torch.tensor([0, 3]), dtype=torch.float32)
+    x = torch.randn(40, 6)
+    clean = split(x).detach()
+    torch.manual_seed(123)
+    u = torch.rand(40, 5)
+    p = u.flatten().median().item()
+    split.dropout = p
+    split.train()
+    torch.manual_seed(123)
+    y = split(x).detach()
+    keep = u >= p
+    assert (u == p).sum() == 1 and keep.sum() == 101  # the median (100th smallest of 200) and the 100 above it
+    assert torch.equal(y != 0, keep)
+    torch.testing.assert_close(y[keep], clean[keep] / (1 - p))
+
+
+@pytest.mark.parametrize("relayout", [copy.deepcopy, lambda m: m.to(torch.float64).to(torch.float32)],
+                         ids=["deepcopy", "to"])
+def test_a_layer_with_no_learners_computes_the_stock_ffn_also_after_a_copy(relayout):
+    # Everything frozen: the empty learner slices must not be mistaken for the start of the frozen ones.
+    fc1, fc2, split = _stock_and_split("recompute", nn.GELU(), torch.tensor([], dtype=torch.long),
+                                       dtype=torch.float32)
+    x = torch.randn(3, 6, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    ref = fc2(F.gelu(fc1(x_ref)))
+    ref.sum().backward()
+    for layer in (split, relayout(split)):
+        y = layer(x)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+        y.sum().backward()
+        torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+        x.grad = None
+
+
+# ------------------------------------------------------------------------------------------ the whole model
+def test_node_scores_measure_movement_from_nonzero_weights():
+    w1, b1, w2 = torch.full((3, 2), 1.0), torch.tensor([2.0, -1.0, 0.5]), torch.full((2, 3), -1.0)
+    w1b, b1b, w2b = w1.clone(), torch.tensor([1.5, -1.0, 0.5]), w2.clone()
+    w1b[2, 1] = 0.0   # node 2: |0 - 1| = 1
+    w2b[0, 1] = -1.25  # node 1: 0.25
+    scores = node_scores([(w1, b1, w2)], [(w1b, b1b, w2b)])   # node 0: |1.5 - 2| = 0.5
+    assert scores[0].tolist() == [0.5, 0.25, 1.0]
+
+
+def test_reconfiguring_again_replaces_the_split_and_keeps_the_function(model):
+    batch = tiny_batch()
+    model.eval()
+    ref = model(**batch).logits
+    original = {n: p.clone() for n, p in model.state_dict().items()}
+    reconfigure(model, random_learners(ffn_sizes(model), 0.25, seed=0), get_policy("paper"))
+    again = random_learners(ffn_sizes(model), 0.5, seed=1)
+    reconfigure(model, again, get_policy("paper"), "recompute")
+    assert all(torch.equal(a, b) for a, b in zip(learner_indices(model), again))
+    torch.testing.assert_close(model(**batch).logits, ref, rtol=1e-5, atol=1e-6)
+    merge(model)
+    assert model.state_dict().keys() == original.keys()
+    assert all(torch.equal(model.state_dict()[n], p) for n, p in original.items())
+
+
+def test_merge_restores_every_split_block_wherever_it_sits(model):
+    # A model whose first block is stock and whose second is split (blocks moved between models).
+    batch = tiny_batch()
+    model.eval()
+    ref = model(**batch).logits
+    donor = copy.deepcopy(model)
+    reconfigure(donor, random_learners(ffn_sizes(donor), 0.25, seed=0), get_policy("paper"))
+    model.bert.encoder.layer[1] = donor.bert.encoder.layer[1]
+    merge(model)
+    assert not any(isinstance(m, SplitFFN) for m in model.modules())
+    assert set(model.state_dict()) == set(tiny_model().state_dict())
+    torch.testing.assert_close(model(**batch).logits, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_learner_indices_of_a_stock_model_says_to_reconfigure_first(model):
+    with pytest.raises(ValueError) as err:
+        learner_indices(model)
+    assert str(err.value) == "model is not reconfigured: call fedfar.methods.far.reconfigure first"

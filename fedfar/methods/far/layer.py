@@ -171,7 +171,7 @@ class SplitFFN(nn.Module):
         k, order = len(learners), torch.cat([learners, frozen]).to(w1.device)
         w1s, b1s, w2s = w1[order].contiguous(), b1[order].contiguous(), w2[:, order].contiguous()
         self.w1_learner = nn.Parameter(w1s[:k])
-        self.b1_learner = nn.Parameter(b1s[:k])
+        self.b1_learner = nn.Parameter(b1s[:k], requires_grad=fc1.bias is not None)  # no bias: zeros that stay
         self.w2_learner = nn.Parameter(w2s[:, :k])
         self.w1_frozen = nn.Parameter(w1s[k:], requires_grad=False)
         self.b1_frozen = nn.Parameter(b1s[k:], requires_grad=False)
