@@ -163,3 +163,11 @@ def test_available():
     many = available([prof(avail=a) for a in (0.1, 0.3, 0.5, 0.9)] * 500, random.Random(11))
     for k, a in enumerate((0.1, 0.3, 0.5, 0.9)):
         assert abs(sum(many[k::4]) / 500 - a) < 4.5 * (a * (1 - a) / 500) ** 0.5, a
+
+
+def test_a_draw_equal_to_the_availability_leaves_the_device_out():
+    # available is u < availability with u uniform on [0, 1): exactly a share `availability` of the draws. A device
+    # whose availability is the very number the rng draws next is not available; one of availability 1.0 always is.
+    u = random.Random(5).random()
+    assert available([prof(avail=u), prof(avail=1.0)], random.Random(5)) == [False, True]
+    assert available([prof(avail=u)], random.Random(5)) == [False]
