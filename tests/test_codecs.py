@@ -18,19 +18,8 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 
-from fedfar.federation.codecs import (
-    INDEX,
-    PACKED,
-    SCALE_SUFFIX,
-    apply_delta,
-    decode,
-    encode,
-    pack,
-    payload_nbytes,
-    reconstruction_error,
-    serialized_nbytes,
-    state_delta,
-)
+from fedfar.federation.codecs import (INDEX, PACKED, SCALE_SUFFIX, apply_delta, decode, encode, pack, payload_nbytes,
+                                      reconstruction_error, serialized_nbytes, state_delta)
 
 TINY = 2.0**-149  # the smallest positive float32 (a subnormal)
 

@@ -67,35 +67,30 @@ def _is_layernorm(module: nn.Module) -> bool:
 
 
 def apply_policy(model: nn.Module, policy: Policy) -> None:
-    """Set requires_grad on every tensor outside the FFN blocks. FFN tensors are left as they are."""
+    """Set requires_grad on every tensor outside the FFN blocks. FFN tensors are left as they are: no group below
+    holds them."""
     layout = layout_of(model)
     base = model.base_model
-    ffn_params: set[int] = set()
-    for block in blocks(model):
-        for path in (layout.fc1, layout.fc2):
-            ffn_params.update(id(p) for p in get_attr(block, path).parameters())
     in_base = {id(p) for p in base.parameters()}
+    in_blocks = {id(p) for b in blocks(model) for p in b.parameters()}
+    embedding_params = {id(p) for p in get_attr(base, layout.embeddings).parameters()}
+    # Later groups override earlier ones.
     groups: list[tuple[bool, list[nn.Parameter]]] = [
+        # Everything the base model holds below the first block: the embeddings and what sits between them and
+        # block 1 (ELECTRA's embeddings_project), so frozen embeddings freeze all of it (the pooler: see below).
+        (policy.embeddings, [p for p in base.parameters() if id(p) not in in_blocks]),
         (policy.head, [p for p in model.parameters() if id(p) not in in_base]),  # the head, outside the base
-        (policy.embeddings, list(get_attr(base, layout.embeddings).parameters())),
         (policy.attention, [p for b in blocks(model) for p in get_attr(b, layout.attention).parameters()]),
     ]
     pooler = getattr(base, "pooler", None)
     if pooler is not None:
         groups.append((policy.head, list(pooler.parameters())))
     # Block LayerNorms last: they override the group they sit in (BERT's attention owns one).
-    embedding_params = {id(p) for p in get_attr(base, layout.embeddings).parameters()}
     groups.append((policy.layernorm, [p for m in model.modules() if _is_layernorm(m) for p in m.parameters(False)
                                       if id(p) not in embedding_params]))
-    # What the base model holds outside the embeddings and the blocks sits between them (ELECTRA's
-    # embeddings_project): it goes with the embeddings, so frozen embeddings freeze everything below block 1.
-    placed = ffn_params | {id(p) for _, params in groups for p in params} \
-        | {id(p) for b in blocks(model) for p in b.parameters()}
-    groups.insert(0, (policy.embeddings, [p for p in base.parameters() if id(p) not in placed]))
     for trains, params in groups:
         for p in params:
-            if id(p) not in ffn_params:
-                p.requires_grad_(trains)
+            p.requires_grad_(trains)
 
 
 # ------------------------------------------------------------------------------------------ what travels
