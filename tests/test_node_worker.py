@@ -4,15 +4,13 @@ peer with its key may connect."""
 import os
 import signal
 import subprocess
-import sys
-import time
 from multiprocessing.connection import AuthenticationError, Client
 
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, RecordDict
 
-from fedfar.federation import client, node_worker, processes
+from fedfar.federation import client, deploy, launch, node_worker, processes
 from fedfar.federation.codecs import decode
 from fedfar.federation.launch import PROJECT_DIR, run_config_values
 from fedfar.methods.far import ffn_sizes, random_learners
@@ -21,15 +19,15 @@ pytestmark = pytest.mark.realdata
 
 
 def _start(socket, ready) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "fedfar.cli", "node-worker", "--socket", str(socket),
-                             "--ready-file", str(ready)], cwd=PROJECT_DIR, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 120
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            processes.stop_process_tree(proc)
-            raise RuntimeError(f"the node worker did not start: {proc.stdout.read()}")
-        time.sleep(0.2)
+    """`fedfar node-worker` as the deployment starts it, its output in a log beside the socket."""
+    log = socket.with_suffix(".log")
+    proc = deploy.start_server(deploy.node_worker_command(socket, ready), launch.flower_env(PROJECT_DIR),
+                               PROJECT_DIR, log)
+    try:
+        deploy.wait_for_workers([ready], [proc], [log], timeout=120)
+    except RuntimeError:
+        processes.stop_process_tree(proc)
+        raise
     return proc
 
 

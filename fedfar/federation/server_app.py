@@ -78,6 +78,7 @@ def main(grid: Grid, context: Context) -> None:
         cfg.spec.export(model).save_pretrained(folder.path / "model")  # loads with plain transformers
         tokenizer.save_pretrained(folder.path / "model")
     folder.finish(summary)
+    full_mb = summary["fedavg_full_mb_up"] + summary["fedavg_full_mb_down"]
     lines = [
         "",
         f"fedfar run {name}: {task.name}, {cfg.model}, {cfg.label}, {num_nodes} clients, {cfg.num_rounds} rounds",
@@ -86,8 +87,7 @@ def main(grid: Grid, context: Context) -> None:
         f"  FedAvg-full would have sent {summary['fedavg_full_mb_up']:.2f} MB up and "
         f"{summary['fedavg_full_mb_down']:.2f} MB down for the same {summary['train_messages']} training messages "
         f"(the whole model in float32 each way, {full_bytes / 1e6:.2f} MB): this run sent "
-        f"{(summary['mb_up'] + summary['mb_down']) / max(summary['fedavg_full_mb_up'] + summary['fedavg_full_mb_down'], 1e-12):.3f}x "
-        "of that in all",
+        f"{(summary['mb_up'] + summary['mb_down']) / max(full_mb, 1e-12):.3f}x of that in all",
         f"  wall     {wall:10.1f} s    training+evaluation {out['busy_s']:.1f} s, "
         f"other {summary['overhead_s']:.1f} s ({100 * summary['overhead_share']:.1f}%: set-up, loading, "
         "serialization, aggregation)",
