@@ -123,11 +123,12 @@ def _run(args: argparse.Namespace) -> None:
              launcher_overhead_share=(wall - s["busy_s"]) / wall)
     summary_path.write_text(json.dumps(s, indent=2))
     metric = s["metric"]
+    where = "dev" if s.get("eval_set", "dev") == "dev" else "holdout"  # holdout-examples: carved from train
     print()
-    print(f"{'run':<44}{'dev ' + metric:>12}{'MB up':>10}{'MB down':>10}{'wall s':>9}{'other s':>9}{'other %':>9}")
+    print(f"{'run':<44}{where + ' ' + metric:>12}{'MB up':>10}{'MB down':>10}{'wall s':>9}{'other s':>9}{'other %':>9}")
     print(f"{name:<44}{s['final_metric']:>12.4f}{s['mb_up']:>10.2f}{s['mb_down']:>10.2f}{wall:>9.0f}"
           f"{s['launcher_overhead_s']:>9.0f}{100 * s['launcher_overhead_share']:>8.1f}%")
-    print(f"({s['clients']} clients, {s['rounds']} rounds; dev {metric} before training {s['initial_metric']:.4f}. "
+    print(f"({s['clients']} clients, {s['rounds']} rounds; {where} {metric} before training {s['initial_metric']:.4f}. "
           "'other' = wall time outside local training and evaluation: start-up of Flower and Ray, model "
           "loading, data preparation, serialization, aggregation)")
     if "participation" in s:

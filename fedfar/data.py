@@ -498,6 +498,18 @@ class PartitionIndex:
         return out.remove_columns(_BIN_COLUMN) if self.binned else out
 
 
+def carve_holdout(ds: Dataset, examples: int, seed: int) -> tuple[Dataset, Dataset]:
+    """(the rest, a seeded holdout of `examples` rows) of a train set, for choosing hyperparameters on data that is
+    neither dev nor any client's: the study tunes learning rates on it and reports dev. The rest keeps file order."""
+    if not 0 < examples < len(ds):
+        raise ValueError(f"holdout-examples = {examples}: must be between 1 and {len(ds) - 1} (the train set has "
+                         f"{len(ds)} rows); 0 evaluates on dev")
+    order = np.random.default_rng(seed).permutation(len(ds))
+    held = np.sort(order[:examples])
+    rest = np.sort(order[examples:])
+    return ds.select(rest), ds.select(held)
+
+
 def load_partition(
     ds: Dataset,
     partition_id: int,

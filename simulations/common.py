@@ -6,7 +6,7 @@ import shutil
 import time
 from pathlib import Path
 
-from fedfar.federation.launch import run_simulation
+from fedfar.federation.launch import PROJECT_DIR, run_simulation
 from fedfar.federation.results import plot_runs
 
 
@@ -26,23 +26,46 @@ class Progress:
 
 def run_variant(config: str, clients: int, runs_dir: Path, run_name: str, overrides: dict,
                 progress: Progress | None = None) -> Path | None:
-    """One Ray simulation into runs_dir/run_name; a run whose summary.json exists is kept, not rerun.
-    Returns the run folder, or None if the run failed (the study goes on with the others)."""
+    """One Ray simulation into runs_dir/run_name; a run whose summary.json exists is kept, not rerun, and a run
+    stopped mid-way continues from its last checkpoint (the same config, so the same result as one that never
+    stopped). Returns the run folder, or None if the run failed (the study goes on with the others)."""
     run_dir = runs_dir / run_name
     if progress:
         progress.next(run_name)
     if not (run_dir / "summary.json").exists():
+        resume = {}
+        if (run_dir / "checkpoint" / "latest.json").exists():
+            print(f"{run_name}: continuing from its last checkpoint", flush=True)
+            resume = {"resume": str(run_dir)}
+        elif run_dir.exists():  # stopped before its first checkpoint: start clean (its logs would be appended to)
+            shutil.rmtree(run_dir)
         # Studies read rounds and ledgers, not models; a study that needs the model sets save-model itself.
         code = run_simulation(config, clients, overrides={"save-model": False, **overrides,
-                                                          "results-dir": str(runs_dir), "run-name": run_name})
+                                                          "results-dir": str(runs_dir), "run-name": run_name,
+                                                          **resume})
         if progress:
             progress.ran += 1
         if code != 0 or not (run_dir / "summary.json").exists():
             print(f"{run_name}: failed (exit {code}); continuing with the others", flush=True)
             return None
     else:
+        check_kept(run_dir, config, overrides)
         print(f"{run_name}: kept from an earlier start ({run_dir})", flush=True)
     return run_dir
+
+
+def check_kept(run_dir: Path, config: str, overrides: dict) -> None:
+    """A kept run must be the run the study would start now: every key its config file and the study set, as
+    they were. Otherwise the study stops and says which (a changed config would silently mix two regimes)."""
+    import tomllib
+
+    stored = json.loads((run_dir / "config.json").read_text())
+    wanted = {**tomllib.loads((PROJECT_DIR / config).read_text()), **overrides}
+    changed = sorted(k for k, v in wanted.items() if k in stored and stored[k] != v)
+    if changed:
+        raise SystemExit(f"{run_dir}: kept from an earlier start with other settings ("
+                         + ", ".join(f"{k} {stored[k]!r} -> {wanted[k]!r}" for k in changed)
+                         + "): delete the folder to rerun it, or give the study another --out")
 
 
 def write_study(out: Path, table: str, rows: list[dict]) -> None:

@@ -54,6 +54,7 @@ def test_finetune_rejects_bad_input_before_loading_anything(capsys, tmp_path):
     ("num-rounds", 2.5, "expected an int"),
     ("max-train-examples", -5, "max-train-examples must be >= 0"),
     ("dev-examples", -1, "dev-examples must be >= 0"),
+    ("holdout-examples", -1, "holdout-examples must be >= 0"),
     ("method", "far0", "method 'far0'"),
     ("method", "far150", "method 'far150'"),
     ("aggregator", "mode", "aggregator 'mode'.*median"),
@@ -64,6 +65,18 @@ def test_finetune_rejects_bad_input_before_loading_anything(capsys, tmp_path):
 def test_bad_counts_methods_and_robustness_keys_are_rejected(key, value, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         RunConfig.from_flower({key: value})
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"reprime-every": -1}, "reprime-every must be >= 0"),
+    ({"reprime-every": 2, "method": "full"}, "reprime-every = 2 refreshes a global FAR mask.*method 'full'"),
+    ({"reprime-every": 2, "method": "random10-emb"}, "set method to far<N>"),
+    ({"reprime-every": 2, "mask-mode": "local"}, "mask-mode 'local'"),
+])
+def test_a_mask_refresh_needs_a_global_far_mask(settings, message):
+    with pytest.raises(ValueError, match=message):
+        RunConfig.from_flower(settings)
+    assert RunConfig.from_flower({"reprime-every": 2}).label == "far10-emb-global-reprime2-float32"
 
 
 @pytest.mark.parametrize("text,message", [

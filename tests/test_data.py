@@ -549,3 +549,17 @@ def test_a_partition_index_read_many_times_gives_what_a_fresh_split_gives(scheme
         assert list(index.load(pid)["idx"]) == list(D.load_partition(ds, pid, 6, scheme, seed=5, alpha=0.5)["idx"])
     with pytest.raises(ValueError, match=r"partition_id must be in \[0, 6\)"):
         index.load(6)
+
+
+@pytest.mark.realdata
+def test_carve_holdout_is_seeded_disjoint_and_complete(cola_train) -> None:
+    rest, held = D.carve_holdout(cola_train, 500, seed=3)
+    assert len(held) == 500 and len(rest) == len(cola_train) - 500
+    assert sorted(list(rest["idx"]) + list(held["idx"])) == sorted(cola_train["idx"])  # disjoint and complete
+    assert list(rest["idx"]) == sorted(rest["idx"])  # the rest keeps file order
+    assert list(D.carve_holdout(cola_train, 500, seed=3)[1]["idx"]) == list(held["idx"])
+    assert list(D.carve_holdout(cola_train, 500, seed=4)[1]["idx"]) != list(held["idx"])
+    assert max(held["idx"]) > 5000  # drawn from the whole file, not its head
+    for bad in (0, len(cola_train)):
+        with pytest.raises(ValueError, match="holdout-examples"):
+            D.carve_holdout(cola_train, bad, seed=3)

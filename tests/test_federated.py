@@ -21,7 +21,7 @@ from fedfar.federation import exchange
 from fedfar.devices.budget import TrainingShape, peak_bytes
 from fedfar.federation.config import RunConfig
 from fedfar.devices.profiles import load_catalog
-from fedfar.data import default_glue_dir, get_task, load_glue, make_loader, tokenize
+from fedfar.data import carve_holdout, default_glue_dir, get_task, load_glue, make_loader, tokenize
 from fedfar.federation.launch import PROJECT_DIR, bin_path, flower_env, free_port, port_in_use, run_simulation
 from fedfar.federation.processes import process_tree, stop_process_tree
 from fedfar.federation.client import WorkerCache
@@ -89,7 +89,7 @@ def runs(tmp_path_factory):
                                                         "deadline-s": 250.0}),
         "global": _run(tmp, "global"),
         "local": _run(tmp, "local", **{"mask-mode": "local", "codec": "int8", "num-rounds": 1,
-                                        "federated-eval": True, "eval-share": 0.25}),
+                                        "federated-eval": True, "eval-share": 0.25, "holdout-examples": 100}),
         "lora": lora,
         "ray-head": head,
     }
@@ -206,16 +206,23 @@ def test_local_mask_mode_sends_row_indices_and_int8_deltas(runs):
     assert (ledger.codec_rel_l2 > 0).all() and (ledger.codec_rel_l2 < 0.02).all()
     # Round 1 downlink carries no FFN rows yet: nobody has trained any.
     assert (ledger.payload_down == _payload(cfg, [[]] * 2)).all()
-    # Federated evaluation on each device's held-out quarter, next to the server's dev-set metric. Both evaluated
-    # the global model after the only round, the one saved: recompute both from it, the MCC counted by hand, the
-    # federated one weighted by each device's held-out examples.
+    # Federated evaluation on each device's held-out quarter, next to the server's metric, here on 100 train rows
+    # carved out of every partition (holdout-examples; its first 64, dev-examples). Both evaluated the global model
+    # after the only round, the one saved: recompute both from it, the MCC counted by hand, the federated one
+    # weighted by each device's held-out examples.
     rounds = pd.read_csv(run / "rounds.csv")
     assert {"mcc", "fed_mcc"} <= set(rounds.columns) and len(rounds) == 2
     model = type(load_model(cfg.model, 2)).from_pretrained(run / "model")
     tokenizer, task = load_tokenizer(cfg.model), get_task(cfg.task)
-    dev = load_glue(task, task.dev_splits[0], cfg.data_source).select(range(cfg.dev_examples))
-    assert rounds.mcc.iloc[-1] == pytest.approx(_mcc(model, tokenize(dev, tokenizer, task, cfg.max_length),
-                                                     tokenizer), abs=1e-9)
+    train = load_glue(task, "train", cfg.data_source)
+    rest, holdout = carve_holdout(train, 100, cfg.partition_seed)
+    assert json.loads((run / "summary.json").read_text())["eval_set"] == "train holdout of 64"
+    assert rounds.mcc.iloc[-1] == pytest.approx(_mcc(model, tokenize(holdout.select(range(64)), tokenizer, task,
+                                                                      cfg.max_length), tokenizer), abs=1e-9)
+    # No client trains on a holdout row: the partitions split the rest of train, all of it.
+    index = WorkerCache().index(cfg, 2)
+    parts = [set(index.load(p)["idx"]) for p in range(2)]
+    assert parts[0] | parts[1] == set(rest["idx"]) and not (parts[0] | parts[1]) & set(holdout["idx"])
     held_out = [WorkerCache().partition(cfg, partition, 2)[1] for partition in range(2)]
     fed = sum(_mcc(model, h, tokenizer) * len(h) for h in held_out) / sum(len(h) for h in held_out)
     assert rounds.fed_mcc.iloc[-1] == pytest.approx(fed, abs=1e-9)

@@ -351,3 +351,96 @@ def test_a_seeded_priming_cohort_primes_and_the_rest_of_the_fleet_does_not(tmp_p
     grid = _Grid(handlers)
     big.choose_global_mask(grid)
     assert len(grid.pushed) == 6  # a cohort as large as the fleet: everyone primes
+
+
+# ----------------------------------------------------------------------------------------- mask refresh
+def _node(job, state):
+    """A node's handlers as the ClientApp dispatches them, on the real Job (its round is fixed: seeds only)."""
+    from fedfar.federation.client import _records
+
+    def handle(msg):
+        kind, content = msg.metadata.message_type, msg.content
+        if kind == "query.register":
+            return Message(_records({"partition-id": job.partition_id}, {}), reply_to=msg)
+        if kind == "train.prime":
+            return Message(job.prime(content["part"] if "part" in content else None), reply_to=msg)
+        learners = content["learners"] if "learners" in content else None
+        return Message(job.train(content["part"], state, learners), reply_to=msg)
+    return handle
+
+
+def test_priming_the_pristine_part_scores_as_priming_nothing_and_a_trained_part_scores_otherwise(task_identity):
+    from fedfar.federation import exchange
+
+    cfg = _cfg()
+    model = tiny_model()
+    plan = cfg.spec.exchange_plan(model)
+    rows = [torch.arange(0, D_FF, 4)] * 2
+    pristine = encode(exchange.select(model.state_dict(), plan, rows), "float32")
+    moved = {k: v if k.endswith(".rows") else v + 0.05 for k, v in exchange.select(model.state_dict(), plan,
+                                                                                    rows).items()}
+    scores = [decode(_job(cfg, 0, 8).prime(part)["scores"]) for part in (None, pristine, encode(moved, "float32"))]
+    assert all(torch.equal(scores[0][k], scores[1][k]) for k in scores[0])
+    assert not all(torch.equal(scores[0][k], scores[2][k]) for k in scores[0])
+
+
+def test_a_mask_refresh_reprimes_the_global_model_and_keeps_every_changed_row_travelling(tmp_path, task_identity):
+    from fedfar.federation import checkpoint, exchange
+
+    s = _server(tmp_path, reprime_every=1, num_rounds=3)
+    pristine = {k: v.clone() for k, v in s.state.items()}
+    grid = _Grid({1: _node(_job(s.cfg, 0, 8), RecordDict()), 2: _node(_job(s.cfg, 1, 8), RecordDict())})
+    s.run(grid)
+    kinds = [m.metadata.message_type for m in grid.pushed]
+    assert kinds == ["query.register"] * 2 + ["train.prime"] * 2 + ["train"] * 2 + (["train.prime"] * 2 +
+                                                                                    ["train"] * 2) * 2
+    msgs = [_wire(m) for m in grid.pushed]
+    primes, trains = [m for m in msgs if kinds[msgs.index(m)] == "train.prime"], [m for m in msgs if
+                                                                                   kinds[msgs.index(m)] == "train"]
+    masks = [json.loads((tmp_path / "mask.json").read_text()) if r == 3 else
+             json.loads((tmp_path / f"mask-round{r}.json").read_text()) if r else None for r in (0, 2, 3)]
+    masks[0] = [exchange.part_rows(decode(trains[0].content["part"]), s.plan)[i].tolist() for i in range(2)]
+    masks[1], masks[2] = masks[1]["learners"], masks[2]["learners"]
+    assert masks[2] == [r.tolist() for r in s.rows]
+    assert masks[1] != masks[0]  # one round of training moved other nodes most: the refresh changed the mask
+    # Round 0 primes the pretrained model (no part); a refresh sends the global model's trainable part with the
+    # request: the rows sent so far, valued as the global model is then (as the next training message has them).
+    assert "part" not in primes[0].content and "learners" not in trains[0].content
+    for prime, train, sent in ((primes[2], trains[2], masks[0]), (primes[4], trains[4], None)):
+        p, t = decode(prime.content["part"]), decode(train.content["part"])
+        for i in range(2):
+            p_rows, t_rows = p[f"ffn.{i}.rows"].tolist(), t[f"ffn.{i}.rows"].tolist()
+            if sent is not None:
+                assert p_rows == sent[i]
+            where = [t_rows.index(r) for r in p_rows]
+            assert torch.equal(p[f"ffn.{i}.w1"], t[f"ffn.{i}.w1"][where])
+    # After a refresh the part carries every row any mask has held, and the learners record says which learn.
+    for train, union, mask in ((trains[2], [masks[0]], masks[1]), (trains[4], masks[:2], masks[2])):
+        part, learners = decode(train.content["part"]), decode(train.content["learners"])
+        for i in range(2):
+            expected = sorted(set(mask[i]).union(*(m[i] for m in union)))
+            assert part[f"ffn.{i}.rows"].tolist() == expected and learners[f"ffn.{i}.rows"].tolist() == mask[i]
+    # Round 2 trained round 2's mask only: rows that left it kept their round-1 values, the others moved.
+    p2, p3 = decode(trains[2].content["part"]), decode(trains[4].content["part"])
+    for i in range(2):
+        r2, r3 = p2[f"ffn.{i}.rows"].tolist(), p3[f"ffn.{i}.rows"].tolist()
+        for r in r2:
+            same = torch.equal(p2[f"ffn.{i}.w1"][r2.index(r)], p3[f"ffn.{i}.w1"][r3.index(r)])
+            assert same == (r not in masks[1][i]), (i, r)
+    # Rows no mask ever held are the pretrained ones, bit for bit.
+    for i, (w1, _, _) in enumerate(s.plan.ffn):
+        never = [r for r in range(D_FF) if r not in set(masks[0][i]) | set(masks[1][i]) | set(masks[2][i])]
+        assert never and torch.equal(s.state[w1][never], pristine[w1][never])
+    # Every byte counts: each round's totals include its refresh's priming, requests and scores.
+    ledger, rounds = read_jsonl(tmp_path / "ledger.jsonl"), read_jsonl(tmp_path / "rounds.jsonl")
+    for rnd in range(4):
+        sent = ledger[(ledger["round"] <= rnd) & ledger.phase.isin(["prime", "train"])]
+        assert rounds.mb_down[rnd] == pytest.approx(sent.bytes_down.sum() / 1e6, rel=1e-12)
+        assert rounds.mb_up[rnd] == pytest.approx(sent.bytes_up.sum() / 1e6, rel=1e-12)
+    assert sorted(ledger[ledger.phase == "prime"]["round"]) == [0, 0, 2, 2, 3, 3]
+    # A resumed server gets the rows that travel back from its checkpoint.
+    again = _server(tmp_path / "again", reprime_every=1, num_rounds=3)
+    again.partition_of = dict(s.partition_of)
+    again.restore(checkpoint.load(tmp_path))
+    assert [r.tolist() for r in again.sent_rows] == [r.tolist() for r in s.sent_rows]
+    assert [r.tolist() for r in again.rows] == masks[2]

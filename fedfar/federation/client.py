@@ -166,14 +166,16 @@ class WorkerCache:
 
     @staticmethod
     def _split_key(cfg: RunConfig, num_partitions: int) -> tuple:
-        """What a split depends on: the train set (task, source), the number of partitions and the scheme."""
-        return cfg.task, str(cfg.data_source), num_partitions, tuple(sorted(cfg.partition_kwargs().items()))
+        """What a split depends on: the train set (task, source, holdout), the number of partitions and the
+        scheme."""
+        return (cfg.task, str(cfg.data_source), cfg.holdout_examples, num_partitions,
+                tuple(sorted(cfg.partition_kwargs().items())))
 
     def index(self, cfg: RunConfig, num_partitions: int) -> PartitionIndex:
         """The seeded split of the task's train set into `num_partitions`, once per worker."""
         source = (cfg.task, str(cfg.data_source))
         return self.indexes.get_or(self._split_key(cfg, num_partitions), lambda: PartitionIndex(
-            self.datasets.get_or(source, lambda: load_glue(cfg.task, "train", cfg.data_source)),
+            cfg.split_train(self.datasets.get_or(source, lambda: load_glue(cfg.task, "train", cfg.data_source)))[0],
             num_partitions, **cfg.partition_kwargs()))
 
     def partition(self, cfg: RunConfig, partition_id: int, num_partitions: int, disk: NodeDisk | None = None):
@@ -329,9 +331,9 @@ def handle(kind: str, content: RecordDict, run_config: Mapping, node_config: Map
     server_round = int(content["config"]["server-round"]) if "config" in content else 0
     job = Job.open(run_config, node_config, server_round)
     if kind == "prime":
-        return job.prime()
+        return job.prime(content["part"] if "part" in content else None)
     if kind == "train":
-        return job.train(content["part"], state)
+        return job.train(content["part"], state, content["learners"] if "learners" in content else None)
     if kind == "evaluate":
         return job.evaluate(content["part"])
     raise ValueError(f"unknown message kind {kind!r}: expected register, prime, train or evaluate")
@@ -401,8 +403,11 @@ class Job:
                                   self.seed if seed is None else seed, shape, budget)
         return scores, float(counter.get_total_flops())
 
-    def prime(self) -> RecordDict:
-        """Global mask mode, round 0: prime on local data and send node scores (no weights)."""
+    def prime(self, part: ArrayRecord | None = None) -> RecordDict:
+        """Global mask mode: prime on local data and send node scores (no weights); round 0 primes the pretrained
+        model, a mask refresh (reprime-every) the global model whose trainable `part` came with the request."""
+        if part is not None:
+            exchange.write(self.model.state_dict(), decode(part), self.cfg.spec.exchange_plan(self.model))
         start = time.time()
         outcome = self.device.run("prime", self._prime)
         if not outcome.ok:
@@ -438,8 +443,9 @@ class Job:
         stored = decode(state["learners"])
         return [stored[str(i)].long() for i in range(len(stored))], flops, Outcome("ok")
 
-    def train(self, part: ArrayRecord, state: RecordDict) -> RecordDict:
-        """Fine-tune on the received trainable part; the reply holds the delta of the trainable tensors only."""
+    def train(self, part: ArrayRecord, state: RecordDict, learners: ArrayRecord | None = None) -> RecordDict:
+        """Fine-tune on the received trainable part; the reply holds the delta of the trainable tensors only.
+        `learners`: after a mask refresh the part holds rows that no longer learn; these are the mask's."""
         fault = self.cfg.fault(self.partition_id, self.server_round)
         if fault and fault.kind == "crash":
             raise RuntimeError(f"injected fault: partition {self.partition_id} crashes in round {self.server_round}")
@@ -452,6 +458,9 @@ class Job:
         method = self.device.method(run_method)  # a budget plan may have lowered FAR's retention
         part_down = decode(part)
         rows = exchange.part_rows(part_down, plan)
+        if learners is not None and plan.sliced:
+            mask = decode(learners)
+            rows = [mask[f"ffn.{i}.rows"].long() for i in range(len(plan.ffn))]
         start = time.time()  # wall-clock, so the server can tell training time from everything else
         flops = 0.0
         if plan.sliced and cfg.mask_mode == "local":

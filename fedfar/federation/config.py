@@ -8,9 +8,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-from ..data import PARTITION_SCHEMES, get_task, resolve_source
+from ..data import PARTITION_SCHEMES, carve_holdout, get_task, resolve_source
 from ..devices.budget import PLAN_POLICIES
 from ..devices.gpu import DEVICES
 from ..methods import PREACT_STORAGE, Method, parse_method
@@ -18,6 +18,9 @@ from .codecs import CODECS
 from .exchange import AGGREGATORS
 from .faults import Fault, fault_for, load_faults
 from .server_opt import ServerOptimizer
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 MASK_MODES = ("global", "local")
 
@@ -38,6 +41,8 @@ class RunConfig:
     max_length: int = 64
     priming_share: float = 0.01    # of a client's local steps over the whole run (at least one step)
     priming_clients: int = 16      # global mask: how many (seeded sample of the available) clients prime in round 0
+    reprime_every: int = 0         # global mask: re-prime the current global model and choose a new mask every k
+                                   # rounds (before rounds k+1, 2k+1, ...); 0 = keep round 0's mask
     preact_storage: str = "bfloat16"
     partitioner: str = "iid"
     alpha: float = 0.5
@@ -45,6 +50,9 @@ class RunConfig:
     partition_seed: int = 42
     max_train_examples: int = 0    # per client; 0 = its whole partition
     dev_examples: int = 0          # server-side evaluation subset; 0 = the whole dev set
+    # Tuning without touching dev: carve this many train rows (seeded by partition-seed) out of every partition and
+    # evaluate on them instead of dev. 0 = evaluate on dev.
+    holdout_examples: int = 0
     federated_eval: bool = False
     eval_share: float = 0.1        # of each partition held out for federated evaluation
     server_lr: float = 1.0
@@ -111,6 +119,11 @@ class RunConfig:
             (0 <= self.eval_share < 1, "eval-share must be in [0, 1)"),
             (0 < self.priming_share <= 1, "priming-share must be in (0, 1]"),
             (self.priming_clients >= 1, "priming-clients must be >= 1 (clients that prime in round 0)"),
+            (self.reprime_every >= 0, "reprime-every must be >= 0 (0 = keep round 0's mask)"),
+            (not self.reprime_every or (self.spec.primes and self.mask_mode == "global"),
+             f"reprime-every = {self.reprime_every} refreshes a global FAR mask: set method to far<N>[-emb|-attn] "
+             f"and mask-mode = \"global\" (method {self.method!r}, mask-mode {self.mask_mode!r}), or reprime-every "
+             "= 0"),
             (self.oom_policy in PLAN_POLICIES, f"oom-policy {self.oom_policy!r}: choose {' or '.join(PLAN_POLICIES)}"),
             (self.deadline_s >= 0, "deadline-s must be >= 0 (0 = no deadline)"),
             (self.device in DEVICES, f"device {self.device!r}: choose {' or '.join(DEVICES)}"),
@@ -118,6 +131,7 @@ class RunConfig:
              "max-length and shards-per-partition must be positive"),
             (self.max_train_examples >= 0, "max-train-examples must be >= 0 (0 = the whole partition)"),
             (self.dev_examples >= 0, "dev-examples must be >= 0 (0 = the whole dev set)"),
+            (self.holdout_examples >= 0, "holdout-examples must be >= 0 (0 = evaluate on dev)"),
             (self.aggregator in AGGREGATORS, f"aggregator {self.aggregator!r}: choose one of {', '.join(AGGREGATORS)}"),
             (0 <= self.trim_share < 0.5, "trim-share must be in [0, 0.5)"),
             (self.max_update_norm >= 0, "max-update-norm must be >= 0 (0 = no bound)"),
@@ -146,6 +160,12 @@ class RunConfig:
         return ServerOptimizer(self.server_opt, self.server_lr, self.server_momentum, self.server_beta1,
                                self.server_beta2, self.server_tau)
 
+    def split_train(self, train: Dataset) -> tuple[Dataset, Dataset | None]:
+        """(the rows clients partition, the holdout the server evaluates on instead of dev, or None)."""
+        if not self.holdout_examples:
+            return train, None
+        return carve_holdout(train, self.holdout_examples, self.partition_seed)
+
     @property
     def spec(self) -> Method:
         """The fine-tuning method (fedfar.methods) that `method` names."""
@@ -166,7 +186,9 @@ class RunConfig:
     @property
     def label(self) -> str:
         spec = self.spec
-        extra = f"-{self.mask_mode}" if spec.primes else ""
+        extra = ""
+        if spec.primes:
+            extra = f"-{self.mask_mode}" + (f"-reprime{self.reprime_every}" if self.reprime_every else "")
         opt = f"-{self.server_opt}" if self.server_opt != "fedavg" else ""
         return f"{spec.label}{extra}-{self.codec}{opt}"
 

@@ -44,10 +44,15 @@ class RunFolder:
             tmp.write_text("".join(kept))
             os.replace(tmp, path)
 
-    def write_mask(self, rows, sizes, primed: list[int] | None = None) -> None:
-        """The global mask, and the partitions whose scores chose it."""
-        self.write_json("mask.json", {"ffn_sizes": sizes, "learners": [r.tolist() for r in rows],
-                                      **({"primed_partitions": primed} if primed is not None else {})})
+    def write_mask(self, rows, sizes, primed: list[int] | None = None, server_round: int = 0) -> None:
+        """The global mask, and the partitions whose scores chose it: mask.json is the current one; a refresh
+        (reprime-every) before round N also keeps its own as mask-round<N>.json."""
+        mask = {"ffn_sizes": sizes, "learners": [r.tolist() for r in rows],
+                **({"primed_partitions": primed} if primed is not None else {}),
+                **({"server_round": server_round} if server_round else {})}
+        self.write_json("mask.json", mask)
+        if server_round:
+            self.write_json(f"mask-round{server_round}.json", mask)
 
     def finish(self, summary: dict) -> None:
         """CSV copies with cumulative byte totals, the summary and the plots."""

@@ -50,6 +50,9 @@ class FedFar(Strategy):
         self.rows: list[torch.Tensor] | None = None
         if self.plan.sliced and cfg.mask_mode == "local":
             self.rows = [torch.zeros(0, dtype=torch.long) for _ in self.sizes]
+        # Global mode with reprime-every: every row any mask so far has held. They all differ from the pretrained
+        # weights the devices hold, so they all travel down; the mask (self.rows) says which of them learn.
+        self.sent_rows: list[torch.Tensor] | None = None
         self.busy: list[tuple[float, float]] = []  # wall-clock intervals of training / evaluation anywhere
         # Simulated devices: node id -> profile (from the register round); availability has its own stream so
         # switching devices on does not change which clients the sampler would otherwise pick.
@@ -86,8 +89,18 @@ class FedFar(Strategy):
         return [Message(content=content, dst_node_id=n, message_type=message_type) for n in nodes]
 
     def _down_part(self) -> ArrayRecord:
-        """The trainable part of the global model (devices hold the pretrained rest), float32."""
-        return pack(encode(exchange.select(self.state, self.plan, self.rows), "float32"))
+        """The trainable part of the global model (devices hold the pretrained rest), float32: with mask refreshes,
+        every row a mask has held so far."""
+        return pack(encode(exchange.select(self.state, self.plan, self.sent_rows or self.rows), "float32"))
+
+    def _down_content(self, server_round: int) -> RecordDict:
+        """A training message: the part, its round and, once a refresh has left rows in the part that no longer
+        learn, the mask itself (int32 row indices)."""
+        content = {"part": self._down_part(), "config": ConfigRecord({"server-round": server_round})}
+        if self.sent_rows is not None:
+            content["learners"] = pack(encode({f"ffn.{i}.rows": r.to(torch.int32) for i, r in enumerate(self.rows)},
+                                              "float32"))
+        return RecordDict(content)
 
     def _send(self, grid: Grid, messages: list[Message], what: str = "") -> list[tuple[Message, Message | None]]:
         """Send and wait; pair each message with its reply (None if lost). One message per node.
@@ -151,19 +164,22 @@ class FedFar(Strategy):
         return duration
 
     # ----------------------------------------------------------------------------------------- priming
-    def choose_global_mask(self, grid: Grid) -> None:
-        """Round 0 of global mask mode: clients send node scores; the server picks one mask for everyone."""
+    def choose_global_mask(self, grid: Grid, server_round: int = 0) -> list[dict]:
+        """Global mask mode: clients send node scores; the server picks one mask for everyone. Round 0 primes the
+        pretrained model; a refresh (`reprime-every`, before round `server_round`) primes the current global model,
+        whose trainable part goes down with the request. Returns the priming's ledger entries."""
         if not self.plan.sliced or self.cfg.mask_mode != "global":
-            return
+            return []
         if not self.spec.primes:  # random selection: the server draws the mask from the run's seed
             self.rows = self.spec.initial_learners(self.model, self.cfg.seed)
-            return
-        content = RecordDict({"config": ConfigRecord({"server-round": 0})})
-        messages = self._messages(self._priming_cohort(grid), content, "train.prime")
+            return []
+        content = RecordDict({"config": ConfigRecord({"server-round": server_round}),
+                              **({"part": self._down_part()} if server_round else {})})
+        messages = self._messages(self._priming_cohort(grid, server_round), content, "train.prime")
         scores, total, rows, answered = [torch.zeros(d, dtype=torch.float64) for d in self.sizes], 0.0, [], []
         pairs = self._send(grid, messages, "priming")
         for msg_out, reply in pairs:
-            rows.append(self._ledger_entry(0, "prime", msg_out, reply))
+            rows.append(self._ledger_entry(server_round, "prime", msg_out, reply))
         self.clock(rows)
         for (msg_out, reply), entry in zip(pairs, rows):
             if entry["status"] == "ok":
@@ -180,27 +196,33 @@ class FedFar(Strategy):
         self.folder.append_ledger(rows)
         if total == 0:
             raise RuntimeError("no client answered the priming round with valid scores: cannot choose learners")
+        previous = self.rows
         self.rows = select_learners([s / total for s in scores], self.spec.retention)
-        self.folder.write_mask(self.rows, self.sizes, primed=sorted(a[0] for a in answered))
+        if server_round:
+            self.sent_rows = [torch.cat([a, b, c]).unique(sorted=True) for a, b, c in
+                              zip(self.sent_rows or previous, previous, self.rows)]
+            kept = sum(int(torch.isin(new, old).sum()) for new, old in zip(self.rows, previous))
+            log(INFO, "mask refresh before round %d: %d of %d learners kept; %d rows now travel down",
+                server_round, kept, sum(r.numel() for r in self.rows), sum(r.numel() for r in self.sent_rows))
+        self.folder.write_mask(self.rows, self.sizes, primed=sorted(a[0] for a in answered), server_round=server_round)
         log(INFO, "priming: %d/%d clients scored FFN nodes; kept %d of %d nodes per block",
             sum(e["status"] == "ok" for e in rows), len(rows), self.rows[0].numel(), self.sizes[0])
+        return rows
 
-    def _priming_cohort(self, grid: Grid) -> list[int]:
+    def _priming_cohort(self, grid: Grid, server_round: int = 0) -> list[int]:
         """The nodes that prime: a seeded sample of `priming-clients` among the available ones (all of them in a
-        smaller fleet), so round 0 does not grow with the fleet. Its own generator: the cohort does not shift
-        which clients the training rounds sample."""
+        smaller fleet), so round 0 does not grow with the fleet. Its own generator (one per refresh): the cohort
+        does not shift which clients the training rounds sample."""
         nodes = self._available(self._nodes(grid))
         if len(nodes) <= self.cfg.priming_clients:
             return nodes
-        chosen = set(random.Random(self.cfg.seed + 2).sample(nodes, self.cfg.priming_clients))
+        chosen = set(random.Random(self.cfg.seed + 2 + server_round).sample(nodes, self.cfg.priming_clients))
         return [n for n in nodes if n in chosen]
 
     # ----------------------------------------------------------------------------------------- Strategy API
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        content = RecordDict({"part": self._down_part(),
-                              "config": ConfigRecord({**config, "server-round": server_round})})
-        return self._messages(self._sample(grid), content, "train")
+        return self._messages(self._sample(grid), self._down_content(server_round), "train")
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -348,6 +370,7 @@ class FedFar(Strategy):
         """Everything the server needs to continue after round `rnd` (fedfar.federation.checkpoint)."""
         checkpoint.save(self.folder.path, rnd, self.state, self.server_opt.state_dict(), {
             "num_nodes": len(self.partition_of), "rows": [r.tolist() for r in self.rows] if self.rows else None,
+            "sent_rows": [r.tolist() for r in self.sent_rows] if self.sent_rows else None,
             "rng": rng_state(self.rng), "avail_rng": rng_state(self.avail_rng), "sim_time": self.sim_time,
             "mb_up": mb_up, "mb_down": mb_down, "history": history, "busy": self.busy, "wall_s": wall_s})
 
@@ -363,6 +386,8 @@ class FedFar(Strategy):
                 self.state[name].copy_(value)
         self.server_opt.load_state_dict(ckpt.optimizer)
         self.rows = [torch.tensor(r, dtype=torch.long) for r in meta["rows"]] if meta["rows"] else self.rows
+        if meta.get("sent_rows"):
+            self.sent_rows = [torch.tensor(r, dtype=torch.long) for r in meta["sent_rows"]]
         set_rng_state(self.rng, meta["rng"])
         set_rng_state(self.avail_rng, meta["avail_rng"])
         self.sim_time, self.busy = meta["sim_time"], [tuple(b) for b in meta["busy"]]
@@ -377,21 +402,26 @@ class FedFar(Strategy):
         t_run = time.perf_counter()
         self.register(grid, record=resume is None)
         if resume is None:
-            self.choose_global_mask(grid)
+            primed = self.choose_global_mask(grid)
             history, wall_before = [], 0.0
             t_eval = time.time()
             base = self.evaluate_fn()
             self.busy.append((t_eval, time.time()))
-            history.append({"round": 0, **base, "mb_up": 0.0, "mb_down": 0.0, "wall_s": time.perf_counter() - t_run,
+            # Every byte counts: the priming's scores (and its requests) are in the totals from round 0 on.
+            mb_up = sum(e["bytes_up"] for e in primed) / 1e6
+            mb_down = sum(e["bytes_down"] for e in primed) / 1e6
+            history.append({"round": 0, **base, "mb_up": mb_up, "mb_down": mb_down,
+                            "wall_s": time.perf_counter() - t_run,
                             **({"sim_time_s": self.sim_time} if self.profiles else {})})
             self.folder.append_round(history[-1])
-            mb_up = mb_down = 0.0
             self.save_checkpoint(0, history, mb_up, mb_down, history[-1]["wall_s"])
         else:
             history, mb_up, mb_down, wall_before = self.restore(resume)
         first = len(history)
         t_rounds = time.perf_counter()
         for rnd in range(first, self.cfg.num_rounds + 1):
+            k = self.cfg.reprime_every
+            primed = self.choose_global_mask(grid, rnd) if k and rnd > 1 and (rnd - 1) % k == 0 else []
             messages = list(self.configure_train(rnd, ArrayRecord(), ConfigRecord(), grid))
             t_send = time.perf_counter()
             self.dropped.clear()
@@ -423,8 +453,8 @@ class FedFar(Strategy):
             t_eval = time.time()
             metrics = self.evaluate_fn()
             self.busy.append((t_eval, time.time()))
-            up = sum(e["bytes_up"] for e in entries) / 1e6
-            down = sum(e["bytes_down"] for e in entries) / 1e6
+            up = sum(e["bytes_up"] for e in entries + primed) / 1e6
+            down = sum(e["bytes_down"] for e in entries + primed) / 1e6
             mb_up, mb_down = mb_up + up, mb_down + down
             ok = sum(e["status"] == "ok" for e in entries)
             row = {"round": rnd, **metrics, "clients": len(entries), "clients_ok": ok, "mb_up": mb_up,
@@ -441,7 +471,7 @@ class FedFar(Strategy):
             if fed_eval:
                 row.update({f"fed_{k}": v for k, v in fed_eval.items()})
             history.append(row)
-            self.folder.append_ledger(entries + eval_entries)
+            self.folder.append_ledger(entries + eval_entries)  # the refresh's priming rows are in already
             self.folder.append_round(row)
             self.save_checkpoint(rnd, history, mb_up, mb_down, row["wall_s"])
             sim = (f" | simulated round {sim_round:.0f} s, total {self.sim_time / 60:.1f} min"

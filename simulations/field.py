@@ -1,0 +1,354 @@
+"""FedFAR against the field: which method, at what accuracy per byte and per MiB (issue 14).
+
+    python simulations/field.py                      # SST-2 then CoLA: lr sweep, 3 seeds per variant, tables, plots
+    python simulations/field.py --tasks sst2         # one task
+    python simulations/field.py --stage sweep        # only the learning-rate sweep
+    python simulations/field.py --quick              # <= 20 min: SST-2, 3 variants, 2 seeds, 3 short rounds
+
+Per task, in this order (every run a real `flwr run` Ray simulation, configs/field_<task>.toml):
+1. bench: `fedfar bench` at the study's batch and max length: step time and peak training memory (the exact
+   accounting of fedfar.devices.memory) per method, and their ratios to full fine-tuning, measured in one run.
+2. sweep: each method (float32 uplink) at each learning rate of its grid, seed 0, evaluated on `holdout-examples`
+   rows carved out of train (no client trains on them; dev stays unseen). The lr with the best final holdout
+   metric is the method's (lr.json); its int8 variant uses the same.
+3. seeds: every variant at its method's lr, seeds 0..n-1, evaluated on dev. Partitions are the same for all runs
+   (partition-seed 42); the seed changes the head's initialisation, sampling, dropout and shuffling.
+Then table.md (final metric mean +- sd; uplink and downlink per client per round; total MB; MB to 95% of FedAvg-full's
+final metric; peak training memory; step-time ratio), results.json and the figures (metric vs cumulative MB with a
+band over seeds; Pareto views against MB and against peak memory).
+
+Resumable run by run: a finished run (summary.json) is kept, a run stopped mid-way continues from its last round's
+checkpoint. Each run's small files (config, rounds, ledger, summary, partitions, mask) sit under
+docs/studies/field/<task>/runs/ and are committed, so the study continues on another machine from the repository;
+checkpoints and models are not committed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from common import Progress, run_variant
+from fedfar.federation.launch import PROJECT_DIR
+
+# variant -> (method, run-config overrides beyond the method). The int8 variants reuse their method's lr.
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "fedavg-full": ("full", {}),
+    "fedavg-full-int8": ("full", {"codec": "int8"}),
+    "far10-emb": ("far10-emb", {}),
+    "far10-attn": ("far10-attn", {}),
+    "far10-attn-int8": ("far10-attn", {"codec": "int8"}),
+    "lora8": ("lora8", {}),
+    "bitfit": ("bitfit", {}),
+}
+BASELINE = "fedavg-full"
+# Learning-rate grids: full fine-tuning moves every weight and is run lower; the parameter-efficient methods
+# train few parameters and are usually run 3-10x higher.
+LR_GRID = {"full": (3e-5, 1e-4, 3e-4)}
+LR_GRID_PEFT = (1e-4, 3e-4, 1e-3)
+# --quick: no sweep; the rates the sweep is expected to pick (lr.json wins where it exists).
+QUICK_LR = {"full": 1e-4}
+QUICK_LR_PEFT = 3e-4
+QUICK_RUN = (("num-rounds", 3), ("max-train-examples", 320))  # 20 local steps a round instead of 30
+
+
+@dataclass(frozen=True)
+class Plan:
+    task: str
+    config: str
+    clients: int
+    holdout: int               # rows carved from train for the sweep
+    seeds: tuple[int, ...]
+    variants: tuple[str, ...]
+    out: Path
+    extra: tuple = ()          # run-config overrides for every run, as (key, value) pairs (--quick shortens them)
+    sweep: bool = True         # False: take the rates from lr_file (--quick)
+    lr_file: Path | None = None
+
+    @property
+    def methods(self) -> list[str]:
+        return list(dict.fromkeys(VARIANTS[v][0] for v in self.variants))
+
+    def overrides(self) -> dict:
+        return dict(self.extra)
+
+
+def lr_grid(method: str) -> tuple[float, ...]:
+    return LR_GRID.get(method, LR_GRID_PEFT)
+
+
+# ------------------------------------------------------------------------------------------ stages
+def bench(plan: Plan) -> dict[str, dict]:
+    """Step time and accounted peak memory per method (fedfar.bench, one interleaved run, ratios to `full`);
+    {method string: row}, kept in bench.json."""
+    path = plan.out / "bench.json"
+    if not path.exists():
+        from fedfar.bench import format_table, run_bench, write_json
+
+        cfg = _config(plan)
+        methods = ["full", *[m for m in plan.methods if m != "full"]]
+        print(f"=== bench: {', '.join(methods)} at batch {cfg['batch-size']} x {cfg['max-length']} tokens ===",
+              flush=True)
+        rows = run_bench(cfg["model"], methods, cfg["batch-size"], cfg["max-length"], repeats=7)
+        for method, row in zip(methods, rows):
+            row["spec"] = method
+        print(format_table(rows), flush=True)
+        write_json(rows, path)
+    return {row["spec"]: row for row in json.loads(path.read_text())}
+
+
+def sweep(plan: Plan, progress: Progress) -> dict[str, float]:
+    """Each method at each lr of its grid on the train holdout; returns {method: chosen lr} (also lr.json)."""
+    chosen, report = {}, {}
+    for method in plan.methods:
+        finals = {}
+        for lr in lr_grid(method):
+            run_dir = run_variant(plan.config, plan.clients, plan.out / "runs", f"sweep-{method}-lr{lr:g}",
+                                  {"method": method, "lr": lr, "seed": 0, "holdout-examples": plan.holdout,
+                                   **plan.overrides()}, progress)
+            if run_dir is not None:
+                finals[lr] = json.loads((run_dir / "summary.json").read_text())["final_metric"]
+        if len(finals) == len(lr_grid(method)):  # a method is tuned only once its whole grid has run
+            chosen[method] = max(sorted(finals), key=lambda lr: finals[lr])  # ties: the lower rate
+        report[method] = {f"{lr:g}": f for lr, f in finals.items()}
+    (plan.out / "lr.json").write_text(json.dumps({"chosen": chosen, "holdout_final": report,
+                                                  "holdout_examples": plan.holdout}, indent=2) + "\n")
+    return chosen
+
+
+def seed_runs(plan: Plan, lrs: dict[str, float], progress: Progress) -> list[dict]:
+    """Every variant whose method has a rate, at each seed, on dev; returns one record per finished run."""
+    records = []
+    for name in plan.variants:
+        method, extra = VARIANTS[name]
+        if method not in lrs:
+            print(f"{name}: no learning rate for {method} yet (its sweep is not complete): skipped", flush=True)
+            continue
+        for seed in plan.seeds:
+            run_dir = run_variant(plan.config, plan.clients, plan.out / "runs", f"{name}-seed{seed}",
+                                  {"method": method, "lr": lrs[method], "seed": seed, **extra, **plan.overrides()},
+                                  progress)
+            if run_dir is not None:
+                records.append(run_record(run_dir, name, method, seed))
+    return records
+
+
+def run_record(run_dir: Path, variant: str, method: str, seed: int) -> dict:
+    s = json.loads((run_dir / "summary.json").read_text())
+    rounds = pd.read_csv(run_dir / "rounds.csv")
+    ledger = pd.read_csv(run_dir / "ledger.csv")
+    train = ledger[(ledger.phase == "train") & (ledger.status == "ok")]
+    return {"variant": variant, "method": method, "seed": seed, "label": s["label"], "metric": s["metric"],
+            "final": s["final_metric"], "curve": rounds[s["metric"]].tolist(),
+            "mb_cum": (rounds.mb_up + rounds.mb_down).tolist(),
+            "up_mb_client_round": float(train.bytes_up.mean()) / 1e6,
+            "down_mb_client_round": float(train.bytes_down.mean()) / 1e6,
+            "mb_total": s["mb_up"] + s["mb_down"], "wall_s": s.get("launcher_wall_s", s["server_wall_s"]),
+            "lr": json.loads((run_dir / "config.json").read_text())["lr"], "run_dir": str(run_dir)}
+
+
+# ------------------------------------------------------------------------------------------ the table
+def summarize(records: list[dict], benched: dict[str, dict]) -> list[dict]:
+    """One row per variant: mean +- sd over its seeds, bytes, MB to 95% of FedAvg-full's final, memory, time."""
+    rows = []
+    for name in dict.fromkeys(r["variant"] for r in records):
+        runs = [r for r in records if r["variant"] == name]
+        finals = np.array([r["final"] for r in runs])
+        curves = np.array([r["curve"] for r in runs if len(r["curve"]) == len(runs[0]["curve"])])
+        mbs = np.array([r["mb_cum"] for r in runs if len(r["mb_cum"]) == len(runs[0]["mb_cum"])])
+        b = benched.get(runs[0]["method"], {})
+        rows.append({
+            "variant": name, "method": runs[0]["method"], "label": runs[0]["label"], "lr": runs[0]["lr"],
+            "metric": runs[0]["metric"], "seeds": len(runs), "final_mean": float(finals.mean()),
+            "final_sd": float(finals.std(ddof=1)) if len(finals) > 1 else float("nan"),
+            "curve_mean": curves.mean(0).tolist(), "curve_sd": curves.std(0, ddof=1).tolist() if len(curves) > 1
+            else [0.0] * curves.shape[1], "mb_cum": mbs.mean(0).tolist(),
+            "up_mb_client_round": float(np.mean([r["up_mb_client_round"] for r in runs])),
+            "down_mb_client_round": float(np.mean([r["down_mb_client_round"] for r in runs])),
+            "mb_total": float(np.mean([r["mb_total"] for r in runs])),
+            "wall_s": float(np.mean([r["wall_s"] for r in runs])),
+            "peak_mib": b["peak_training_bytes"] / 2**20 if b else float("nan"),
+            "time_ratio": b.get("time_ratio", float("nan")), "memory_ratio": b.get("memory_ratio", float("nan")),
+        })
+    base = next((r for r in rows if r["variant"] == BASELINE), None)
+    for r in rows:
+        r["mb_to_target"] = float("nan")
+        if base is None:
+            continue
+        r["target"] = 0.95 * base["final_mean"]
+        reached = [i for i, m in enumerate(r["curve_mean"]) if m >= r["target"]]
+        r["mb_to_target"] = r["mb_cum"][reached[0]] if reached else float("inf")
+        r["bytes_ratio"] = r["mb_total"] / base["mb_total"]
+        r["gap_points"] = 100 * (r["final_mean"] - base["final_mean"])
+        r["gap_within_spread"] = abs(r["final_mean"] - base["final_mean"]) <= max(r["final_sd"], base["final_sd"])
+    return rows
+
+
+def table(rows: list[dict], task: str) -> str:
+    metric = rows[0]["metric"]
+    lines = [f"| variant (lr) | dev {metric}, mean +- sd (seeds) | vs FedAvg-full (points) | uplink / client / round "
+             "| downlink / client / round | total MB | x FedAvg-full bytes | MB to 95% of FedAvg-full | "
+             "peak training MiB | step time x full |", "|" + "---|" * 10]
+    for r in rows:
+        gap = (f"{r['gap_points']:+.1f}" + (" (inside the spread)" if r["gap_within_spread"] else "")
+               if "gap_points" in r and r["variant"] != BASELINE else "")
+        to_target = ("not reached" if r["mb_to_target"] == float("inf") else
+                     "" if np.isnan(r["mb_to_target"]) else f"{r['mb_to_target']:.1f}")
+        lines.append(
+            f"| {r['variant']} ({r['lr']:g}) | {r['final_mean']:.3f} +- {r['final_sd']:.3f} ({r['seeds']}) | {gap} | "
+            f"{r['up_mb_client_round']:.2f} MB | {r['down_mb_client_round']:.2f} MB | {r['mb_total']:.0f} | "
+            f"{r.get('bytes_ratio', float('nan')):.3f} | {to_target} | {r['peak_mib']:.0f} | {r['time_ratio']:.2f} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ figures
+def plot(rows: list[dict], out: Path, title: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = rows[0]["metric"]
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for r in rows:
+        mb, mean, sd = (np.array(r[k]) for k in ("mb_cum", "curve_mean", "curve_sd"))
+        sent = mb > 0  # round 0 has sent nothing (FAR's priming scores excepted): no place on a log axis
+        line, = ax.plot(mb[sent], mean[sent], marker="o", ms=3, label=f"{r['variant']} (n={r['seeds']})")
+        ax.fill_between(mb[sent], (mean - sd)[sent], (mean + sd)[sent], color=line.get_color(), alpha=0.15)
+    ax.set_xscale("log")
+    ax.set_xlabel("cumulative MB exchanged, up + down (log)")
+    ax.set_ylabel(f"dev {metric} (mean, band: +- sd over seeds)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths = [out / "metric_vs_mb.png"]
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, xlabel in ((axes[0], "mb_total", "total MB exchanged (log)"),
+                            (axes[1], "peak_mib", "peak training memory per device, MiB (accounting)")):
+        pts = [(r[key], r["final_mean"], r) for r in rows if np.isfinite(r[key])]
+        for x, y, r in pts:
+            ax.errorbar(x, y, yerr=0 if np.isnan(r["final_sd"]) else r["final_sd"], fmt="o", capsize=3)
+            ax.annotate(r["variant"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        front = pareto(pts)
+        if front:
+            ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="grey", ls="--", lw=1,
+                    label="Pareto front (fewer, higher)")
+            ax.legend(fontsize=8, loc="lower right")
+        if key == "mb_total":
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"final dev {metric} (mean +- sd)")
+        ax.grid(alpha=0.3, which="both")
+    fig.suptitle(title)
+    fig.tight_layout()
+    paths.append(out / "pareto.png")
+    fig.savefig(paths[1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def pareto(points: list[tuple[float, float, dict]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both axes (less x, more y), by increasing x."""
+    front, best = [], -np.inf
+    for x, y, _ in sorted(points, key=lambda p: (p[0], -p[1])):
+        if y > best:
+            front.append((x, y))
+            best = y
+    return front
+
+
+def pareto_winners(rows: list[dict], key: str) -> list[str]:
+    pts = [(r[key], r["final_mean"], r) for r in rows if np.isfinite(r[key])]
+    on = set(pareto(pts))
+    return [r["variant"] for x, y, r in sorted(pts, key=lambda p: p[0]) if (x, y) in on]
+
+
+# ------------------------------------------------------------------------------------------ main
+def _config(plan: Plan) -> dict:
+    import tomllib
+
+    return tomllib.loads((PROJECT_DIR / plan.config).read_text())
+
+
+def run_task(plan: Plan, stage: str, progress: Progress) -> None:
+    plan.out.mkdir(parents=True, exist_ok=True)
+    benched = bench(plan) if stage in ("all", "bench") else {}
+    if stage == "bench":
+        return
+    if plan.sweep:
+        lrs = sweep(plan, progress)
+    else:
+        stored = json.loads(plan.lr_file.read_text())["chosen"] if plan.lr_file and plan.lr_file.exists() else {}
+        lrs = {m: stored.get(m, QUICK_LR.get(m, QUICK_LR_PEFT)) for m in plan.methods}
+    if stage == "sweep":
+        return
+    records = seed_runs(plan, lrs, progress)
+    if not records:
+        return
+    rows = summarize(records, benched or (bench(plan) if (plan.out / "bench.json").exists() else {}))
+    text = table(rows, plan.task)
+    winners = {k: pareto_winners(rows, k) for k in ("mb_total", "peak_mib")}
+    (plan.out / "table.md").write_text(
+        text + "\n\nPareto front (no other variant has both less and a higher mean final metric): by total MB: "
+        + ", ".join(winners["mb_total"]) + "; by peak training memory: " + ", ".join(winners["peak_mib"]) + ".\n")
+    (plan.out / "results.json").write_text(json.dumps({"rows": rows, "runs": records, "lr": lrs,
+                                                       "pareto": winners}, indent=2, default=float) + "\n")
+    paths = plot(rows, plan.out, f"{plan.task.upper()}, MiniLM-L6, {plan.clients} clients, "
+                                 f"{len(plan.seeds)} seeds per variant")
+    print(text)
+    print(f"wrote {plan.out / 'table.md'}, results.json, {', '.join(p.name for p in paths)}", flush=True)
+
+
+def count_runs(plan: Plan, stage: str) -> int:
+    sweeps = sum(len(lr_grid(m)) for m in plan.methods) if plan.sweep and stage in ("all", "sweep") else 0
+    return sweeps + (len(plan.variants) * len(plan.seeds) if stage in ("all", "seeds") else 0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", default="sst2,cola")
+    p.add_argument("--stage", choices=("all", "bench", "sweep", "seeds"), default="all")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--clients", type=int, default=10)
+    p.add_argument("--out", default="docs/studies/field")
+    p.add_argument("--quick", action="store_true",
+                   help="<= 20 min on 2 cores: SST-2, fedavg-full, lora8, far10-emb, 2 seeds, 3 rounds of 20 steps, "
+                        "no sweep "
+                        "(the rates the study's sweep chose, docs/studies/field/<task>/lr.json, where it has; else "
+                        "1e-4 for full, 3e-4 for the others), into results/field-quick")
+    args = p.parse_args()
+    tasks, variants = args.tasks.split(","), args.variants.split(",")
+    if args.quick:
+        tasks, variants, args.seeds = ["sst2"], ["fedavg-full", "lora8", "far10-emb"], "0,1"
+        args.out = "results/field-quick" if args.out == p.get_default("out") else args.out
+    unknown = sorted(set(variants) - set(VARIANTS))
+    bad_tasks = [t for t in tasks if not (PROJECT_DIR / f"configs/field_{t}.toml").exists()]
+    if unknown or bad_tasks:
+        raise SystemExit(f"unknown variant(s) {unknown} (choose from {', '.join(VARIANTS)}) or task(s) {bad_tasks} "
+                         "(a task needs configs/field_<task>.toml)")
+    seeds = tuple(int(s) for s in args.seeds.split(","))
+    holdout = {"sst2": 872, "cola": 1043}  # as many rows as the task's dev set
+    plans = [Plan(t, f"configs/field_{t}.toml", args.clients, holdout.get(t, 1000), seeds, tuple(variants),
+                  (PROJECT_DIR / args.out / t).resolve(), extra=QUICK_RUN if args.quick else (), sweep=not args.quick,
+                  lr_file=PROJECT_DIR / p.get_default("out") / t / "lr.json")
+             for t in tasks]
+    progress = Progress(sum(count_runs(pl, args.stage) for pl in plans))
+    start = time.perf_counter()
+    for plan in plans:
+        run_task(plan, args.stage, progress)
+    print(f"study wall time: {(time.perf_counter() - start) / 60:.1f} min (runs kept from an earlier start cost "
+          "nothing)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""The field study's arithmetic (simulations/field.py): seeds to mean +- sd, MB to 95% of FedAvg-full, the Pareto
+front, and the kept-run check that stops a study from mixing two regimes. Its runs are real simulations; these
+tests feed it runs whose numbers are known."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedfar.federation.launch import PROJECT_DIR
+
+sys.path.insert(0, str(PROJECT_DIR / "simulations"))
+import field  # noqa: E402
+from common import check_kept  # noqa: E402
+
+
+def _run(variant, method, seed, curve, mb_per_round, up=1.0, down=2.0):
+    return {"variant": variant, "method": method, "seed": seed, "label": method, "metric": "accuracy",
+            "final": curve[-1], "curve": curve, "mb_cum": [mb_per_round * r for r in range(len(curve))],
+            "up_mb_client_round": up, "down_mb_client_round": down, "mb_total": mb_per_round * (len(curve) - 1),
+            "wall_s": 60.0, "lr": 1e-4, "run_dir": "x"}
+
+
+def test_seeds_become_mean_and_sd_and_the_mb_to_95_percent_is_read_off_the_mean_curve():
+    records = [
+        _run("fedavg-full", "full", 0, [0.5, 0.70, 0.80, 0.90], 100.0),
+        _run("fedavg-full", "full", 1, [0.5, 0.72, 0.84, 0.86], 100.0),
+        _run("far10-emb", "far10-emb", 0, [0.5, 0.60, 0.86, 0.88], 20.0),
+        _run("far10-emb", "far10-emb", 1, [0.5, 0.62, 0.84, 0.86], 20.0),
+        _run("bitfit", "bitfit", 0, [0.5, 0.55, 0.60, 0.65], 1.0),
+    ]
+    bench = {"full": {"peak_training_bytes": 512 * 2**20, "time_ratio": 1.0, "memory_ratio": 1.0},
+             "far10-emb": {"peak_training_bytes": 256 * 2**20, "time_ratio": 0.7, "memory_ratio": 0.5}}
+    rows = {r["variant"]: r for r in field.summarize(records, bench)}
+    full, far, bitfit = rows["fedavg-full"], rows["far10-emb"], rows["bitfit"]
+    assert full["final_mean"] == pytest.approx(0.88) and full["final_sd"] == pytest.approx(np.std([0.9, 0.86], ddof=1))
+    assert far["curve_mean"] == pytest.approx([0.5, 0.61, 0.85, 0.87])
+    # 95% of FedAvg-full's 0.88 is 0.836: its own mean curve reaches it at round 3 (300 MB), FAR's at round 2.
+    assert far["target"] == pytest.approx(0.836)
+    assert full["mb_to_target"] == 300.0 and far["mb_to_target"] == 40.0 and bitfit["mb_to_target"] == float("inf")
+    assert far["bytes_ratio"] == pytest.approx(60 / 300) and far["gap_points"] == pytest.approx(-1.0)
+    assert far["gap_within_spread"]  # 1 point apart, FedAvg-full's sd is 2.8 points
+    assert not bitfit["gap_within_spread"] and np.isnan(bitfit["final_sd"])  # one seed: no spread
+    assert far["peak_mib"] == 256 and far["time_ratio"] == 0.7 and np.isnan(bitfit["peak_mib"])
+    text = field.table(list(rows.values()), "sst2")
+    assert "| far10-emb (0.0001) | 0.870 +- 0.014 (2) | -1.0 (inside the spread) |" in text
+    assert "| not reached |" in text
+
+
+def test_the_pareto_front_keeps_only_points_nothing_beats_on_both_axes():
+    pts = [(10.0, 0.80, {}), (1.0, 0.60, {}), (100.0, 0.85, {}), (50.0, 0.79, {}), (10.0, 0.70, {}),
+           (1.0, 0.65, {})]
+    assert field.pareto(pts) == [(1.0, 0.65), (10.0, 0.80), (100.0, 0.85)]
+    rows = [{"variant": v, "mb_total": x, "final_mean": y} for v, x, y in
+            (("a", 10.0, 0.8), ("b", 1.0, 0.6), ("c", 50.0, 0.79), ("d", float("nan"), 0.99))]
+    assert field.pareto_winners(rows, "mb_total") == ["b", "a"]
+
+
+def test_a_kept_run_with_other_settings_stops_the_study(tmp_path):
+    config = "configs/field_sst2.toml"
+    run = tmp_path / "run"
+    run.mkdir()
+    stored = {"task": "sst2", "lr": 0.0003, "method": "far10-emb", "max-train-examples": 480, "num-rounds": 10}
+    (run / "config.json").write_text(json.dumps(stored))
+    check_kept(run, config, {"lr": 3e-4, "method": "far10-emb"})  # the same run: kept
+    with pytest.raises(SystemExit, match=r"lr 0.0003 -> 0.001\).*delete the folder"):
+        check_kept(run, config, {"lr": 1e-3, "method": "far10-emb"})
+    with pytest.raises(SystemExit, match=r"max-train-examples 480 -> 320"):
+        check_kept(run, config, {"lr": 3e-4, "method": "far10-emb", "max-train-examples": 320})
+
+
+def test_every_variant_and_grid_names_a_method_the_run_config_accepts():
+    from fedfar.federation.config import RunConfig
+
+    for name, (method, extra) in field.VARIANTS.items():
+        for lr in field.lr_grid(method):
+            RunConfig.from_flower({"method": method, "lr": lr, **extra})
+    assert Path(PROJECT_DIR / "configs/field_sst2.toml").exists()
