@@ -135,7 +135,10 @@ def test_ledger_counts_exactly_what_was_serialized(runs):
     assert (train.bytes_up > train.payload_up).all() and (train.bytes_up < train.payload_up * 1.01 + 4096).all()
     assert ledger.cum_bytes_up.iloc[-1] == ledger.bytes_up.sum()
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["mb_up"] == pytest.approx(train.bytes_up.sum() / 1e6)
+    # The totals hold every training and priming message (priming: scores up, small requests down).
+    assert summary["mb_up"] == pytest.approx((train.bytes_up.sum() + prime.bytes_up.sum()) / 1e6, rel=1e-12)
+    assert summary["mb_down"] == pytest.approx((train.bytes_down.sum() + prime.bytes_down.sum()) / 1e6, rel=1e-12)
+    assert prime.bytes_up.sum() > 0 and prime.bytes_down.sum() > 0
     # Beside it, what FedAvg-full would have sent for the same 4 training messages: every parameter, float32.
     full = 4 * sum(p.numel() for p in load_model(_cfg(run).model, 2, seed=0).parameters())
     assert summary["train_messages"] == 4
