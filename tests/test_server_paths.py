@@ -444,3 +444,16 @@ def test_a_mask_refresh_reprimes_the_global_model_and_keeps_every_changed_row_tr
     again.restore(checkpoint.load(tmp_path))
     assert [r.tolist() for r in again.sent_rows] == [r.tolist() for r in s.sent_rows]
     assert [r.tolist() for r in again.rows] == masks[2]
+
+
+def test_a_mask_refresh_nobody_answers_keeps_the_mask_and_the_run_going(tmp_path, task_identity):
+    s = _server(tmp_path, reprime_every=1)
+    heavy = [_block([(0, 16, 1.0)]), _block([(48, 64, 1.0)])]
+    s.choose_global_mask(_Grid({1: lambda m: _scores_reply(m, heavy, 8, 0)}))
+    mask = [r.tolist() for r in s.rows]
+    bad = [torch.ones(D_FF - 1), torch.ones(D_FF)]
+    grid = _Grid({1: lambda m: _scores_reply(m, bad, 8, 0)})
+    entries = s.choose_global_mask(grid, 3)
+    assert [e["status"] for e in entries] == ["rejected"] and entries[0]["round"] == 3
+    assert [r.tolist() for r in s.rows] == mask and s.sent_rows is None  # nothing changed, nothing more travels
+    assert "learners" not in s._down_content(3)

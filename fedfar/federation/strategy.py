@@ -93,10 +93,11 @@ class FedFar(Strategy):
         every row a mask has held so far."""
         return pack(encode(exchange.select(self.state, self.plan, self.sent_rows or self.rows), "float32"))
 
-    def _down_content(self, server_round: int) -> RecordDict:
+    def _down_content(self, server_round: int, config: ConfigRecord | None = None) -> RecordDict:
         """A training message: the part, its round and, once a refresh has left rows in the part that no longer
         learn, the mask itself (int32 row indices)."""
-        content = {"part": self._down_part(), "config": ConfigRecord({"server-round": server_round})}
+        content = {"part": self._down_part(),
+                   "config": ConfigRecord({**(config or {}), "server-round": server_round})}
         if self.sent_rows is not None:
             content["learners"] = pack(encode({f"ffn.{i}.rows": r.to(torch.int32) for i, r in enumerate(self.rows)},
                                               "float32"))
@@ -194,6 +195,10 @@ class FedFar(Strategy):
                 scores[i] += w * s[i]
             total += w
         self.folder.append_ledger(rows)
+        if total == 0 and server_round:  # a refresh that nobody answered changes nothing: the run goes on
+            log(WARNING, "mask refresh before round %d: no client answered with valid scores; the mask stays",
+                server_round)
+            return rows
         if total == 0:
             raise RuntimeError("no client answered the priming round with valid scores: cannot choose learners")
         previous = self.rows
@@ -222,7 +227,7 @@ class FedFar(Strategy):
     # ----------------------------------------------------------------------------------------- Strategy API
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        return self._messages(self._sample(grid), self._down_content(server_round), "train")
+        return self._messages(self._sample(grid), self._down_content(server_round, config), "train")
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
