@@ -3,14 +3,15 @@
     python simulations/field.py                      # SST-2 then CoLA: lr sweep, 3 seeds per variant, tables, plots
     python simulations/field.py --tasks sst2         # one task
     python simulations/field.py --stage sweep        # only the learning-rate sweep
+    python simulations/field.py --stage report       # tables and figures from the runs finished so far
     python simulations/field.py --quick              # <= 20 min: SST-2, 3 variants, 2 seeds, 3 short rounds
 
 Per task, in this order (every run a real `flwr run` Ray simulation, configs/field_<task>.toml):
 1. bench: `fedfar bench` at the study's batch and max length: step time and peak training memory (the exact
    accounting of fedfar.devices.memory) per method, and their ratios to full fine-tuning, measured in one run.
 2. sweep: each method (float32 uplink) at each learning rate of its grid, seed 0, evaluated on `holdout-examples`
-   rows carved out of train (no client trains on them; dev stays unseen). The lr with the best final holdout
-   metric is the method's (lr.json); its int8 variant uses the same.
+   rows carved out of train (no client trains on them; dev stays unseen). The lr with the best holdout metric,
+   averaged over the last 3 rounds, is the method's (lr.json, sweep.md); its int8 variant uses the same.
 3. seeds: every variant at its method's lr, seeds 0..n-1, evaluated on dev. Partitions are the same for all runs
    (partition-seed 42); the seed changes the head's initialisation, sampling, dropout and shuffling.
 Then table.md (final metric mean +- sd; uplink and downlink per client per round; total MB; MB to 95% of FedAvg-full's
@@ -47,6 +48,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "bitfit": ("bitfit", {}),
 }
 BASELINE = "fedavg-full"
+LAST = 3  # the sweep ranks rates by the mean holdout metric of the last 3 rounds: one seed's final alone is noisy
 # Learning-rate grids: full fine-tuning moves every weight and is run lower; the parameter-efficient methods
 # train few parameters and are usually run 3-10x higher.
 LR_GRID = {"full": (3e-5, 1e-4, 3e-4)}
@@ -69,6 +71,14 @@ class Plan:
     extra: tuple = ()          # run-config overrides for every run, as (key, value) pairs (--quick shortens them)
     sweep: bool = True         # False: take the rates from lr_file (--quick)
     lr_file: Path | None = None
+    report_only: bool = False  # --stage report: tables and figures from the finished runs, nothing run
+
+    def run(self, name: str, overrides: dict, progress: Progress) -> Path | None:
+        """The finished run `name` of this task: run (or continue) it, or with report_only, only look for it."""
+        runs = self.out / "runs"
+        if self.report_only:
+            return runs / name if (runs / name / "summary.json").exists() else None
+        return run_variant(self.config, self.clients, runs, name, {**overrides, **self.overrides()}, progress)
 
     @property
     def methods(self) -> list[str]:
@@ -103,22 +113,36 @@ def bench(plan: Plan) -> dict[str, dict]:
 
 
 def sweep(plan: Plan, progress: Progress) -> dict[str, float]:
-    """Each method at each lr of its grid on the train holdout; returns {method: chosen lr} (also lr.json)."""
-    chosen, report = {}, {}
+    """Each method at each lr of its grid on the train holdout; returns {method: chosen lr}. lr.json and sweep.md
+    are rewritten after every method, so a stopped study keeps what its sweep has found."""
+    chosen, report, curves = {}, {}, {}
     for method in plan.methods:
         finals = {}
         for lr in lr_grid(method):
-            run_dir = run_variant(plan.config, plan.clients, plan.out / "runs", f"sweep-{method}-lr{lr:g}",
-                                  {"method": method, "lr": lr, "seed": 0, "holdout-examples": plan.holdout,
-                                   **plan.overrides()}, progress)
+            run_dir = plan.run(f"sweep-{method}-lr{lr:g}", {"method": method, "lr": lr, "seed": 0,
+                                                             "holdout-examples": plan.holdout}, progress)
             if run_dir is not None:
-                finals[lr] = json.loads((run_dir / "summary.json").read_text())["final_metric"]
+                s = json.loads((run_dir / "summary.json").read_text())
+                curves[(method, lr)] = pd.read_csv(run_dir / "rounds.csv")[s["metric"]].tolist()
+                finals[lr] = float(np.mean(curves[(method, lr)][-LAST:]))
         if len(finals) == len(lr_grid(method)):  # a method is tuned only once its whole grid has run
             chosen[method] = max(sorted(finals), key=lambda lr: finals[lr])  # ties: the lower rate
         report[method] = {f"{lr:g}": f for lr, f in finals.items()}
-    (plan.out / "lr.json").write_text(json.dumps({"chosen": chosen, "holdout_final": report,
-                                                  "holdout_examples": plan.holdout}, indent=2) + "\n")
+        (plan.out / "lr.json").write_text(json.dumps({"chosen": chosen, f"holdout_mean_last_{LAST}": report,
+                                                      "holdout_examples": plan.holdout}, indent=2) + "\n")
+        (plan.out / "sweep.md").write_text(sweep_table(plan, curves, chosen) + "\n")
     return chosen
+
+
+def sweep_table(plan: Plan, curves: dict[tuple[str, float], list[float]], chosen: dict[str, float]) -> str:
+    lines = [f"Learning-rate sweep, {plan.task}: seed 0, metric on {plan.holdout} rows carved from train (not dev), "
+             f"after each round; **bold**: the rate chosen (best mean of the last {LAST} rounds).", "",
+             f"| method | lr | round 0 .. last | mean of the last {LAST} |", "|---|---|---|---|"]
+    for (method, lr), curve in curves.items():
+        mark = "**" if chosen.get(method) == lr else ""
+        lines.append(f"| {method} | {mark}{lr:g}{mark} | {' '.join(f'{m:.3f}' for m in curve)} | "
+                     f"{mark}{np.mean(curve[-LAST:]):.3f}{mark} |")
+    return "\n".join(lines)
 
 
 def seed_runs(plan: Plan, lrs: dict[str, float], progress: Progress) -> list[dict]:
@@ -130,9 +154,8 @@ def seed_runs(plan: Plan, lrs: dict[str, float], progress: Progress) -> list[dic
             print(f"{name}: no learning rate for {method} yet (its sweep is not complete): skipped", flush=True)
             continue
         for seed in plan.seeds:
-            run_dir = run_variant(plan.config, plan.clients, plan.out / "runs", f"{name}-seed{seed}",
-                                  {"method": method, "lr": lrs[method], "seed": seed, **extra, **plan.overrides()},
-                                  progress)
+            run_dir = plan.run(f"{name}-seed{seed}", {"method": method, "lr": lrs[method], "seed": seed, **extra},
+                               progress)
             if run_dir is not None:
                 records.append(run_record(run_dir, name, method, seed))
     return records
@@ -281,7 +304,8 @@ def _config(plan: Plan) -> dict:
 
 def run_task(plan: Plan, stage: str, progress: Progress) -> None:
     plan.out.mkdir(parents=True, exist_ok=True)
-    benched = bench(plan) if stage in ("all", "bench") else {}
+    run_bench = stage in ("all", "bench") or (plan.out / "bench.json").exists()  # report: only a bench that ran
+    benched = bench(plan) if run_bench else {}
     if stage == "bench":
         return
     if plan.sweep:
@@ -294,7 +318,7 @@ def run_task(plan: Plan, stage: str, progress: Progress) -> None:
     records = seed_runs(plan, lrs, progress)
     if not records:
         return
-    rows = summarize(records, benched or (bench(plan) if (plan.out / "bench.json").exists() else {}))
+    rows = summarize(records, benched)
     text = table(rows, plan.task)
     winners = {k: pareto_winners(rows, k) for k in ("mb_total", "peak_mib")}
     (plan.out / "table.md").write_text(
@@ -309,6 +333,8 @@ def run_task(plan: Plan, stage: str, progress: Progress) -> None:
 
 
 def count_runs(plan: Plan, stage: str) -> int:
+    if plan.report_only:
+        return 0
     sweeps = sum(len(lr_grid(m)) for m in plan.methods) if plan.sweep and stage in ("all", "sweep") else 0
     return sweeps + (len(plan.variants) * len(plan.seeds) if stage in ("all", "seeds") else 0)
 
@@ -316,7 +342,8 @@ def count_runs(plan: Plan, stage: str) -> int:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", default="sst2,cola")
-    p.add_argument("--stage", choices=("all", "bench", "sweep", "seeds"), default="all")
+    p.add_argument("--stage", choices=("all", "bench", "sweep", "seeds", "report"), default="all",
+                   help="report: lr.json, sweep.md, the table and figures from the runs finished so far; runs nothing")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--clients", type=int, default=10)
@@ -340,7 +367,7 @@ def main() -> None:
     holdout = {"sst2": 872, "cola": 1043}  # as many rows as the task's dev set
     plans = [Plan(t, f"configs/field_{t}.toml", args.clients, holdout.get(t, 1000), seeds, tuple(variants),
                   (PROJECT_DIR / args.out / t).resolve(), extra=QUICK_RUN if args.quick else (), sweep=not args.quick,
-                  lr_file=PROJECT_DIR / p.get_default("out") / t / "lr.json")
+                  lr_file=PROJECT_DIR / p.get_default("out") / t / "lr.json", report_only=args.stage == "report")
              for t in tasks]
     progress = Progress(sum(count_runs(pl, args.stage) for pl in plans))
     start = time.perf_counter()

@@ -77,3 +77,22 @@ def test_every_variant_and_grid_names_a_method_the_run_config_accepts():
         for lr in field.lr_grid(method):
             RunConfig.from_flower({"method": method, "lr": lr, **extra})
     assert Path(PROJECT_DIR / "configs/field_sst2.toml").exists()
+
+
+def test_the_sweep_picks_the_rate_with_the_best_mean_of_the_last_rounds_and_waits_for_a_whole_grid(tmp_path):
+    plan = field.Plan("sst2", "configs/field_sst2.toml", 10, 872, (0,), ("fedavg-full", "far10-emb"), tmp_path,
+                      report_only=True)
+    curves = {  # 3e-4 has the best final (0.90) but a worse mean of the last 3 rounds than 1e-4
+        ("full", 3e-5): [0.5, 0.70, 0.75, 0.78], ("full", 1e-4): [0.5, 0.86, 0.87, 0.88],
+        ("full", 3e-4): [0.5, 0.60, 0.70, 0.90], ("far10-emb", 1e-4): [0.5, 0.6, 0.7, 0.8]}
+    for (method, lr), curve in curves.items():
+        run = tmp_path / "runs" / f"sweep-{method}-lr{lr:g}"
+        run.mkdir(parents=True)
+        (run / "summary.json").write_text(json.dumps({"metric": "accuracy", "final_metric": curve[-1]}))
+        (run / "rounds.csv").write_text("round,accuracy\n" + "".join(f"{i},{m}\n" for i, m in enumerate(curve)))
+    chosen = field.sweep(plan, field.Progress(0))
+    assert chosen == {"full": 1e-4}  # far10-emb has run one rate of three: not tuned yet
+    stored = json.loads((tmp_path / "lr.json").read_text())
+    assert stored["chosen"] == {"full": 1e-4}
+    assert stored["holdout_mean_last_3"]["full"]["0.0003"] == pytest.approx(np.mean([0.6, 0.7, 0.9]))
+    assert "| full | **0.0001** | 0.500 0.860 0.870 0.880 | **0.870** |" in (tmp_path / "sweep.md").read_text()
