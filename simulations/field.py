@@ -59,6 +59,10 @@ OPTIONS: dict[str, tuple[str, dict]] = {
     "random10-emb": ("far10-emb", {"method": "random10-emb"}),
 }
 VARIANTS.update(OPTIONS)
+# The fleet stage: the same runs on the mixed edge fleet (simulated memory, speed, bandwidth, availability), where
+# full fine-tuning must micro-batch on the small phones; the question is simulated time to FedAvg-full's metric.
+FLEET = {"fleet": "configs/fleets/mixed_edge.toml", "oom-policy": "adapt"}
+FLEET_VARIANTS = ("fedavg-full", "far10-emb")
 BASELINE = "fedavg-full"
 LAST = 3  # the sweep ranks rates by the mean holdout metric of the last 3 rounds: one seed's final alone is noisy
 # Learning-rate grids: full fine-tuning moves every weight and is run lower; the parameter-efficient methods
@@ -84,6 +88,7 @@ class Plan:
     sweep: bool = True         # False: take the rates from lr_file (--quick)
     lr_file: Path | None = None
     report_only: bool = False  # --stage report: tables and figures from the finished runs, nothing run
+    fleet: bool = True         # run the fleet stage too (not --quick)
 
     def run(self, name: str, overrides: dict, progress: Progress) -> Path | None:
         """The finished run `name` of this task: run (or continue) it, or with report_only, only look for it."""
@@ -157,18 +162,20 @@ def sweep_table(plan: Plan, curves: dict[tuple[str, float], list[float]], chosen
     return "\n".join(lines)
 
 
-def seed_runs(plan: Plan, lrs: dict[str, float], progress: Progress) -> list[dict]:
-    """Every variant whose method has a rate, at each seed, on dev; returns one record per finished run."""
+def seed_runs(plan: Plan, lrs: dict[str, float], progress: Progress, variants: tuple[str, ...] | None = None,
+              prefix: str = "", common: dict | None = None) -> list[dict]:
+    """Every variant whose method has a rate, at each seed, on dev; returns one record per finished run.
+    `prefix` and `common`: the fleet stage's run names and settings."""
     records = []
-    for name in plan.variants:
+    for name in variants or plan.variants:
         method, extra = VARIANTS[name]
         if method not in lrs:
             print(f"{name}: no learning rate for {method} yet (its sweep is not complete): skipped", flush=True)
             continue
         for seed in plan.seeds:
             # `extra` may name another method that runs at this one's rate (the random-mask control)
-            run_dir = plan.run(f"{name}-seed{seed}", {"method": method, "lr": lrs[method], "seed": seed, **extra},
-                               progress)
+            run_dir = plan.run(f"{prefix}{name}-seed{seed}", {"method": method, "lr": lrs[method], "seed": seed,
+                                                              **extra, **(common or {})}, progress)
             if run_dir is not None:
                 records.append(run_record(run_dir, name, method, seed))
     return records
@@ -185,6 +192,7 @@ def run_record(run_dir: Path, variant: str, method: str, seed: int) -> dict:
             "up_mb_client_round": float(train.bytes_up.mean()) / 1e6,
             "down_mb_client_round": float(train.bytes_down.mean()) / 1e6,
             "mb_total": s["mb_up"] + s["mb_down"], "wall_s": s.get("launcher_wall_s", s["server_wall_s"]),
+            "sim_cum": rounds["sim_time_s"].tolist() if "sim_time_s" in rounds else None,
             "lr": json.loads((run_dir / "config.json").read_text())["lr"], "run_dir": str(run_dir)}
 
 
@@ -209,6 +217,9 @@ def summarize(records: list[dict], benched: dict[str, dict]) -> list[dict]:
             "mb_total": float(np.mean([r["mb_total"] for r in runs])),
             "wall_s": float(np.mean([r["wall_s"] for r in runs])),
             "peak_mib": b["peak_training_bytes"] / 2**20 if b else float("nan"),
+            **({"sim_cum": np.mean([r["sim_cum"] for r in runs], 0).tolist(),
+                "sim_total_s": float(np.mean([r["sim_cum"][-1] for r in runs]))}
+               if all(r.get("sim_cum") for r in runs) else {}),
             "time_ratio": b.get("time_ratio", float("nan")), "memory_ratio": b.get("memory_ratio", float("nan")),
         })
     base = next((r for r in rows if r["variant"] == BASELINE), None)
@@ -217,12 +228,42 @@ def summarize(records: list[dict], benched: dict[str, dict]) -> list[dict]:
         if base is None:
             continue
         r["target"] = 0.95 * base["final_mean"]
-        reached = [i for i, m in enumerate(r["curve_mean"]) if m >= r["target"]]
-        r["mb_to_target"] = r["mb_cum"][reached[0]] if reached else float("inf")
+        r["mb_to_target"] = first_reach(r["mb_cum"], r["curve_mean"], r["target"])
         r["bytes_ratio"] = r["mb_total"] / base["mb_total"]
         r["gap_points"] = 100 * (r["final_mean"] - base["final_mean"])
         r["gap_within_spread"] = abs(r["final_mean"] - base["final_mean"]) <= max(r["final_sd"], base["final_sd"])
     return rows
+
+
+def first_reach(xs: list[float], curve: list[float], target: float) -> float:
+    """x (MB, seconds) at the first round whose metric is at least `target`; inf if none is."""
+    reached = [i for i, m in enumerate(curve) if m >= target]
+    return xs[reached[0]] if reached else float("inf")
+
+
+def fleet_summary(rows: list[dict]) -> list[dict]:
+    """The fleet stage's rows with simulated time: the total, and when each reaches FedAvg-full's final mean
+    metric (100%, not 95%), as a share of FedAvg-full's whole simulated time."""
+    base = next((r for r in rows if r["variant"] == BASELINE), None)
+    for r in rows:
+        if base is not None:
+            r["sim_to_baseline_final"] = first_reach(r["sim_cum"], r["curve_mean"], base["final_mean"])
+            r["sim_ratio"] = r["sim_to_baseline_final"] / base["sim_total_s"]
+    return rows
+
+
+def fleet_table(rows: list[dict]) -> str:
+    metric = rows[0]["metric"]
+    lines = [f"| variant (lr) | dev {metric}, mean +- sd (seeds) | simulated time, whole run | simulated time to "
+             "FedAvg-full's final | x FedAvg-full's time | total MB |", "|" + "---|" * 6]
+    for r in rows:
+        reach = r.get("sim_to_baseline_final", float("nan"))
+        lines.append(f"| {r['variant']} ({r['lr']:g}) | {r['final_mean']:.3f} +- {r['final_sd']:.3f} ({r['seeds']}) | "
+                     f"{r['sim_total_s'] / 60:.1f} min | "
+                     + ("not reached" if reach == float("inf") else f"{reach / 60:.1f} min") + " | "
+                     + ("" if not np.isfinite(r.get("sim_ratio", np.nan)) else f"{r['sim_ratio']:.2f}")
+                     + f" | {r['mb_total']:.0f} |")
+    return "\n".join(lines)
 
 
 def table(rows: list[dict], task: str) -> str:
@@ -292,6 +333,29 @@ def plot(rows: list[dict], out: Path, title: str) -> list[Path]:
     return paths
 
 
+def plot_time(rows: list[dict], path: Path, title: str) -> Path:
+    """Metric against simulated time (the fleet stage), mean over seeds with a band of +- sd."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for r in rows:
+        t, mean, sd = (np.array(r[k]) for k in ("sim_cum", "curve_mean", "curve_sd"))
+        line, = ax.plot(t / 60, mean, marker="o", ms=3, label=f"{r['variant']} (n={r['seeds']})")
+        ax.fill_between(t / 60, mean - sd, mean + sd, color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("simulated time (min)")
+    ax.set_ylabel(f"dev {rows[0]['metric']} (mean, band: +- sd over seeds)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def pareto(points: list[tuple[float, float, dict]]) -> list[tuple[float, float]]:
     """The points no other point beats on both axes (less x, more y), by increasing x."""
     front, best = [], -np.inf
@@ -328,9 +392,27 @@ def run_task(plan: Plan, stage: str, progress: Progress) -> None:
         lrs = {m: stored.get(m, QUICK_LR.get(m, QUICK_LR_PEFT)) for m in plan.methods}
     if stage == "sweep":
         return
-    records = seed_runs(plan, lrs, progress)
-    if not records:
-        return
+    records = seed_runs(plan, lrs, progress) if stage != "fleet" else []
+    if records:
+        write_main(plan, records, benched, lrs)
+    if plan.fleet and stage in ("all", "fleet", "report"):
+        fleet = seed_runs(plan, lrs, progress, FLEET_VARIANTS, "fleet-", FLEET)
+        if fleet:
+            write_fleet(plan, fleet, benched)
+
+
+def write_fleet(plan: Plan, records: list[dict], benched: dict) -> None:
+    rows = fleet_summary(summarize(records, benched))
+    text = fleet_table(rows)
+    (plan.out / "fleet.md").write_text(text + "\n")
+    (plan.out / "fleet_results.json").write_text(json.dumps({"rows": rows, "runs": records}, indent=2,
+                                                            default=float) + "\n")
+    plot_time(rows, plan.out / "fleet_metric_vs_time.png",
+              f"{plan.task.upper()} on the mixed edge fleet, {len(plan.seeds)} seeds per variant")
+    print(text)
+
+
+def write_main(plan: Plan, records: list[dict], benched: dict, lrs: dict[str, float]) -> None:
     rows = summarize(records, benched)
     text = table(rows, plan.task)
     winners = {k: pareto_winners(rows, k) for k in ("mb_total", "peak_mib")}
@@ -349,13 +431,14 @@ def count_runs(plan: Plan, stage: str) -> int:
     if plan.report_only:
         return 0
     sweeps = sum(len(lr_grid(m)) for m in plan.methods) if plan.sweep and stage in ("all", "sweep") else 0
-    return sweeps + (len(plan.variants) * len(plan.seeds) if stage in ("all", "seeds") else 0)
+    fleet = len(FLEET_VARIANTS) * len(plan.seeds) if stage in ("all", "fleet") and plan.fleet else 0
+    return sweeps + (len(plan.variants) * len(plan.seeds) if stage in ("all", "seeds") else 0) + fleet
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", default="sst2,cola")
-    p.add_argument("--stage", choices=("all", "bench", "sweep", "seeds", "report"), default="all",
+    p.add_argument("--stage", choices=("all", "bench", "sweep", "seeds", "fleet", "report"), default="all",
                    help="report: lr.json, sweep.md, the table and figures from the runs finished so far; runs nothing")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                    help=f"default: all of {', '.join(DEFAULT_VARIANTS)}; FedFAR's options: {', '.join(OPTIONS)}")
@@ -380,7 +463,7 @@ def main() -> None:
     seeds = tuple(int(s) for s in args.seeds.split(","))
     holdout = {"sst2": 872, "cola": 1043}  # as many rows as the task's dev set
     plans = [Plan(t, f"configs/field_{t}.toml", args.clients, holdout.get(t, 1000), seeds, tuple(variants),
-                  (PROJECT_DIR / args.out / t).resolve(), extra=QUICK_RUN if args.quick else (), sweep=not args.quick,
+                  (PROJECT_DIR / args.out / t).resolve(), extra=QUICK_RUN if args.quick else (), sweep=not args.quick, fleet=not args.quick,
                   lr_file=PROJECT_DIR / p.get_default("out") / t / "lr.json", report_only=args.stage == "report")
              for t in tasks]
     progress = Progress(sum(count_runs(pl, args.stage) for pl in plans))

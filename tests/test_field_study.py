@@ -96,3 +96,23 @@ def test_the_sweep_picks_the_rate_with_the_best_mean_of_the_last_rounds_and_wait
     assert stored["chosen"] == {"full": 1e-4}
     assert stored["holdout_mean_last_3"]["full"]["0.0003"] == pytest.approx(np.mean([0.6, 0.7, 0.9]))
     assert "| full | **0.0001** | 0.500 0.860 0.870 0.880 | **0.870** |" in (tmp_path / "sweep.md").read_text()
+
+
+def test_the_fleet_stage_reads_simulated_time_to_fedavg_fulls_final_metric():
+    def run(variant, seed, curve, seconds_per_round):
+        r = _run(variant, "full" if variant == "fedavg-full" else "far10-emb", seed, curve, 10.0)
+        r["sim_cum"] = [seconds_per_round * i for i in range(len(curve))]
+        return r
+
+    records = [run("fedavg-full", 0, [0.5, 0.7, 0.80, 0.82], 600.0),
+               run("fedavg-full", 1, [0.5, 0.7, 0.80, 0.84], 600.0),
+               run("far10-emb", 0, [0.5, 0.8, 0.84, 0.85], 200.0),
+               run("far10-emb", 1, [0.5, 0.8, 0.82, 0.83], 200.0)]
+    rows = {r["variant"]: r for r in field.fleet_summary(field.summarize(records, {}))}
+    full, far = rows["fedavg-full"], rows["far10-emb"]
+    assert full["sim_total_s"] == 1800.0 and far["sim_total_s"] == 600.0
+    # FedAvg-full ends at 0.83 (mean); FAR's mean curve (0.5, 0.8, 0.83, 0.84) reaches it at round 2, 400 s.
+    assert far["sim_to_baseline_final"] == 400.0 and far["sim_ratio"] == pytest.approx(400 / 1800)
+    assert full["sim_to_baseline_final"] == 1800.0 and full["sim_ratio"] == 1.0
+    text = field.fleet_table(list(rows.values()))
+    assert "| far10-emb (0.0001) | 0.840 +- 0.014 (2) | 10.0 min | 6.7 min | 0.22 | 30 |" in text
