@@ -463,7 +463,8 @@ def main() -> None:
     seeds = tuple(int(s) for s in args.seeds.split(","))
     holdout = {"sst2": 872, "cola": 1043}  # as many rows as the task's dev set
     plans = [Plan(t, f"configs/field_{t}.toml", args.clients, holdout.get(t, 1000), seeds, tuple(variants),
-                  (PROJECT_DIR / args.out / t).resolve(), extra=QUICK_RUN if args.quick else (), sweep=not args.quick, fleet=not args.quick,
+                  (PROJECT_DIR / args.out / t).resolve(), extra=QUICK_RUN if args.quick else (),
+                  sweep=not args.quick, fleet=not args.quick,
                   lr_file=PROJECT_DIR / p.get_default("out") / t / "lr.json", report_only=args.stage == "report")
              for t in tasks]
     progress = Progress(sum(count_runs(pl, args.stage) for pl in plans))
