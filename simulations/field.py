@@ -69,6 +69,7 @@ LAST = 3  # the sweep ranks rates by the mean holdout metric of the last 3 round
 # train few parameters and are usually run 3-10x higher.
 LR_GRID = {"full": (3e-5, 1e-4, 3e-4)}
 LR_GRID_PEFT = (1e-4, 3e-4, 1e-3)
+LADDER = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)  # a sweep whose best rate is at an end goes one step further
 # --quick: no sweep; the rates the sweep is expected to pick (lr.json wins where it exists).
 QUICK_LR = {"full": 1e-4}
 QUICK_LR_PEFT = 3e-4
@@ -134,21 +135,42 @@ def sweep(plan: Plan, progress: Progress) -> dict[str, float]:
     are rewritten after every method, so a stopped study keeps what its sweep has found."""
     chosen, report, curves = {}, {}, {}
     for method in plan.methods:
-        finals = {}
-        for lr in lr_grid(method):
+        finals, grid, tried = {}, list(lr_grid(method)), set()
+        while grid:
+            lr = grid.pop(0)
+            tried.add(lr)
             run_dir = plan.run(f"sweep-{method}-lr{lr:g}", {"method": method, "lr": lr, "seed": 0,
                                                              "holdout-examples": plan.holdout}, progress)
             if run_dir is not None:
                 s = json.loads((run_dir / "summary.json").read_text())
                 curves[(method, lr)] = pd.read_csv(run_dir / "rounds.csv")[s["metric"]].tolist()
                 finals[lr] = float(np.mean(curves[(method, lr)][-LAST:]))
-        if len(finals) == len(lr_grid(method)):  # a method is tuned only once its whole grid has run
+            step = extension(finals) if not grid else None
+            if step is not None and step not in tried and (not plan.report_only or (
+                    plan.out / "runs" / f"sweep-{method}-lr{step:g}" / "summary.json").exists()):
+                grid.append(step)
+        # A method is tuned once its whole grid has run, and the step past a best rate at the grid's end too.
+        if set(lr_grid(method)) <= set(finals) and extension(finals) in (None, *finals):
             chosen[method] = max(sorted(finals), key=lambda lr: finals[lr])  # ties: the lower rate
         report[method] = {f"{lr:g}": f for lr, f in finals.items()}
         (plan.out / "lr.json").write_text(json.dumps({"chosen": chosen, f"holdout_mean_last_{LAST}": report,
                                                       "holdout_examples": plan.holdout}, indent=2) + "\n")
         (plan.out / "sweep.md").write_text(sweep_table(plan, curves, chosen) + "\n")
     return chosen
+
+
+def extension(finals: dict[float, float]) -> float | None:
+    """The next rate of LADDER past the best one when the best is at an end of what has run (the optimum may lie
+    beyond it), else None."""
+    if not finals:
+        return None
+    best = max(sorted(finals), key=lambda lr: finals[lr])
+    i = LADDER.index(best)
+    if best == max(finals) and i + 1 < len(LADDER):
+        return LADDER[i + 1]
+    if best == min(finals) and i > 0:
+        return LADDER[i - 1]
+    return None
 
 
 def sweep_table(plan: Plan, curves: dict[tuple[str, float], list[float]], chosen: dict[str, float]) -> str:

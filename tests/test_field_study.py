@@ -116,3 +116,11 @@ def test_the_fleet_stage_reads_simulated_time_to_fedavg_fulls_final_metric():
     assert full["sim_to_baseline_final"] == 1800.0 and full["sim_ratio"] == 1.0
     text = field.fleet_table(list(rows.values()))
     assert "| far10-emb (0.0001) | 0.840 +- 0.014 (2) | 10.0 min | 6.7 min | 0.22 | 30 |" in text
+
+
+def test_a_sweep_whose_best_rate_is_at_an_end_goes_one_step_further():
+    assert field.extension({1e-4: 0.8, 3e-4: 0.85, 1e-3: 0.82}) is None  # the best is inside
+    assert field.extension({1e-4: 0.57, 3e-4: 0.77, 1e-3: 0.83}) == 3e-3
+    assert field.extension({3e-5: 0.86, 1e-4: 0.84, 3e-4: 0.80}) == 1e-5
+    assert field.extension({1e-2: 0.9, 3e-3: 0.8}) is None  # the ladder ends
+    assert field.extension({}) is None
