@@ -204,8 +204,9 @@ class FedFar(Strategy):
         previous = self.rows
         self.rows = select_learners([s / total for s in scores], self.spec.retention)
         if server_round:
-            self.sent_rows = [torch.cat([a, b, c]).unique(sorted=True) for a, b, c in
-                              zip(self.sent_rows or previous, previous, self.rows)]
+            # The mask before this refresh is in sent_rows already (or is all of it, at the first refresh).
+            self.sent_rows = [torch.cat([a, b]).unique(sorted=True) for a, b in
+                              zip(self.sent_rows or previous, self.rows)]
             kept = sum(int(torch.isin(new, old).sum()) for new, old in zip(self.rows, previous))
             log(INFO, "mask refresh before round %d: %d of %d learners kept; %d rows now travel down",
                 server_round, kept, sum(r.numel() for r in self.rows), sum(r.numel() for r in self.sent_rows))
