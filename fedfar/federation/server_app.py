@@ -50,7 +50,8 @@ def main(grid: Grid, context: Context) -> None:
     check_fleet(cfg, num_nodes, model)  # a device that cannot even run the model fails the run here, not later
     tokenizer = load_tokenizer(cfg.model)
     train, holdout = cfg.split_train(load_glue(task, "train", cfg.data_source))
-    dev = holdout if holdout is not None else load_glue(task, task.dev_splits[0], cfg.data_source)
+    where = "dev" if holdout is None else "holdout"  # what the server evaluates on (holdout-examples)
+    dev = load_glue(task, task.dev_splits[0], cfg.data_source) if holdout is None else holdout
     if cfg.dev_examples:
         dev = dev.select(range(min(cfg.dev_examples, len(dev))))
     dev_tok = tokenize(dev, tokenizer, task, cfg.max_length)
@@ -66,7 +67,7 @@ def main(grid: Grid, context: Context) -> None:
     ledger_up = final["mb_up"]
     summary = {
         "label": cfg.label, "task": task.name, "metric": task.primary_metric,
-        "eval_set": f"train holdout of {len(dev)}" if holdout is not None else "dev",
+        "eval_set": "dev" if holdout is None else f"train holdout of {len(dev)}",
         "final_metric": final[task.primary_metric], "initial_metric": out["history"][0][task.primary_metric],
         "mb_up": ledger_up, "mb_down": final["mb_down"], "rounds": cfg.num_rounds, "clients": num_nodes,
         "server_wall_s": wall, "setup_s": setup_s, "busy_s": out["busy_s"],
@@ -83,8 +84,7 @@ def main(grid: Grid, context: Context) -> None:
     lines = [
         "",
         f"fedfar run {name}: {task.name}, {cfg.model}, {cfg.label}, {num_nodes} clients, {cfg.num_rounds} rounds",
-        f"  {'holdout' if holdout is not None else 'dev'} {task.primary_metric:<8} {summary['initial_metric']:.4f} -> "
-        f"{summary['final_metric']:.4f}",
+        f"  {where} {task.primary_metric:<8} {summary['initial_metric']:.4f} -> {summary['final_metric']:.4f}",
         f"  uplink   {summary['mb_up']:10.2f} MB   downlink {summary['mb_down']:10.2f} MB   (serialized by Flower)",
         f"  FedAvg-full would have sent {summary['fedavg_full_mb_up']:.2f} MB up and "
         f"{summary['fedavg_full_mb_down']:.2f} MB down for the same {summary['train_messages']} training messages "
