@@ -6,7 +6,7 @@ import shutil
 import time
 from pathlib import Path
 
-from fedfar.federation.launch import PROJECT_DIR, run_simulation
+from fedfar.federation.launch import run_config_values, run_simulation
 from fedfar.federation.results import plot_runs
 
 
@@ -54,14 +54,16 @@ def run_variant(config: str, clients: int, runs_dir: Path, run_name: str, overri
     return run_dir
 
 
-def check_kept(run_dir: Path, config: str, overrides: dict) -> None:
-    """A kept run must be the run the study would start now: every key its config file and the study set, as
-    they were. Otherwise the study stops and says which (a changed config would silently mix two regimes)."""
-    import tomllib
+WHERE = ("results-dir", "run-name", "save-model", "resume")  # where and how a run is written, not what it is
 
+
+def check_kept(run_dir: Path, config: str, overrides: dict) -> None:
+    """A kept run must be the run the study would start now: every key as the defaults, its config file and the
+    study set it, but where the run was written. Otherwise the study stops and says which (a changed config would
+    silently mix two regimes)."""
     stored = json.loads((run_dir / "config.json").read_text())
-    wanted = {**tomllib.loads((PROJECT_DIR / config).read_text()), **overrides}
-    changed = sorted(k for k, v in wanted.items() if k in stored and stored[k] != v)
+    wanted = run_config_values(config, overrides)
+    changed = sorted(k for k, v in wanted.items() if k in stored and k not in WHERE and stored[k] != v)
     if changed:
         raise SystemExit(f"{run_dir}: kept from an earlier start with other settings ("
                          + ", ".join(f"{k} {stored[k]!r} -> {wanted[k]!r}" for k in changed)

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from common import Progress, run_variant
-from fedfar.federation.launch import PROJECT_DIR
+from fedfar.federation.launch import PROJECT_DIR, run_config_values
 
 # variant -> (method, run-config overrides beyond the method). The int8 variants reuse their method's lr.
 VARIANTS: dict[str, tuple[str, dict]] = {
@@ -396,9 +396,7 @@ def pareto_winners(rows: list[dict], key: str) -> list[str]:
 
 # ------------------------------------------------------------------------------------------ main
 def _config(plan: Plan) -> dict:
-    import tomllib
-
-    return tomllib.loads((PROJECT_DIR / plan.config).read_text())
+    return run_config_values(plan.config)
 
 
 def run_task(plan: Plan, stage: str, progress: Progress) -> None:

@@ -68,6 +68,10 @@ def test_a_kept_run_with_other_settings_stops_the_study(tmp_path):
         check_kept(run, config, {"lr": 1e-3, "method": "far10-emb"})
     with pytest.raises(SystemExit, match=r"max-train-examples 480 -> 320"):
         check_kept(run, config, {"lr": 3e-4, "method": "far10-emb", "max-train-examples": 320})
+    # Defaults count too (a default changed since would change the run), where the run was written does not.
+    (run / "config.json").write_text(json.dumps({**stored, "results-dir": "elsewhere", "priming-share": 0.05}))
+    with pytest.raises(SystemExit, match=r"\(priming-share 0.05 -> 0.01\)"):
+        check_kept(run, config, {"lr": 3e-4, "method": "far10-emb"})
 
 
 def test_every_variant_and_grid_names_a_method_the_run_config_accepts():
