@@ -306,29 +306,46 @@ def table(rows: list[dict], task: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ figures
+def band_plot(rows: list[dict], x_key: str, xlabel: str, path: Path, title: str, log: bool = False,
+              scale: float = 1.0) -> Path:
+    """Each variant's metric against `x_key` (cumulative MB, simulated seconds; divided by `scale`), the mean over
+    seeds with a band of +- sd. On a log axis, rounds at x = 0 are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for r in rows:
+        x, mean, sd = (np.array(r[k]) for k in (x_key, "curve_mean", "curve_sd"))
+        keep = x > 0 if log else np.ones(len(x), bool)
+        x = x / scale
+        line, = ax.plot(x[keep], mean[keep], marker="o", ms=3, label=f"{r['variant']} (n={r['seeds']})")
+        ax.fill_between(x[keep], (mean - sd)[keep], (mean + sd)[keep], color=line.get_color(), alpha=0.15)
+    if log:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"dev {rows[0]['metric']} (mean, band: +- sd over seeds)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot(rows: list[dict], out: Path, title: str) -> list[Path]:
+    """metric_vs_mb.png (round 0 has sent nothing but FAR's priming scores: no place on the log axis) and
+    pareto.png."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     metric = rows[0]["metric"]
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for r in rows:
-        mb, mean, sd = (np.array(r[k]) for k in ("mb_cum", "curve_mean", "curve_sd"))
-        sent = mb > 0  # round 0 has sent nothing (FAR's priming scores excepted): no place on a log axis
-        line, = ax.plot(mb[sent], mean[sent], marker="o", ms=3, label=f"{r['variant']} (n={r['seeds']})")
-        ax.fill_between(mb[sent], (mean - sd)[sent], (mean + sd)[sent], color=line.get_color(), alpha=0.15)
-    ax.set_xscale("log")
-    ax.set_xlabel("cumulative MB exchanged, up + down (log)")
-    ax.set_ylabel(f"dev {metric} (mean, band: +- sd over seeds)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths = [out / "metric_vs_mb.png"]
-    fig.savefig(paths[0], dpi=120)
-    plt.close(fig)
+    paths = [band_plot(rows, "mb_cum", "cumulative MB exchanged, up + down (log)", out / "metric_vs_mb.png", title,
+                       log=True)]
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, key, xlabel in ((axes[0], "mb_total", "total MB exchanged (log)"),
@@ -353,29 +370,6 @@ def plot(rows: list[dict], out: Path, title: str) -> list[Path]:
     fig.savefig(paths[1], dpi=120)
     plt.close(fig)
     return paths
-
-
-def plot_time(rows: list[dict], path: Path, title: str) -> Path:
-    """Metric against simulated time (the fleet stage), mean over seeds with a band of +- sd."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for r in rows:
-        t, mean, sd = (np.array(r[k]) for k in ("sim_cum", "curve_mean", "curve_sd"))
-        line, = ax.plot(t / 60, mean, marker="o", ms=3, label=f"{r['variant']} (n={r['seeds']})")
-        ax.fill_between(t / 60, mean - sd, mean + sd, color=line.get_color(), alpha=0.15)
-    ax.set_xlabel("simulated time (min)")
-    ax.set_ylabel(f"dev {rows[0]['metric']} (mean, band: +- sd over seeds)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def pareto(points: list[tuple[float, float, dict]]) -> list[tuple[float, float]]:
@@ -427,8 +421,8 @@ def write_fleet(plan: Plan, records: list[dict], benched: dict) -> None:
     (plan.out / "fleet.md").write_text(text + "\n")
     (plan.out / "fleet_results.json").write_text(json.dumps({"rows": rows, "runs": records}, indent=2,
                                                             default=float) + "\n")
-    plot_time(rows, plan.out / "fleet_metric_vs_time.png",
-              f"{plan.task.upper()} on the mixed edge fleet, {len(plan.seeds)} seeds per variant")
+    band_plot(rows, "sim_cum", "simulated time (min)", plan.out / "fleet_metric_vs_time.png",
+              f"{plan.task.upper()} on the mixed edge fleet, {len(plan.seeds)} seeds per variant", scale=60)
     print(text)
 
 
