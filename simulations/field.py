@@ -3,6 +3,7 @@
     python simulations/field.py                      # SST-2 then CoLA: lr sweep, 3 seeds per variant, tables, plots
     python simulations/field.py --tasks sst2         # one task
     python simulations/field.py --stage sweep        # only the learning-rate sweep
+    python simulations/field.py --stage options      # only FedFAR's options, screened on the holdout
     python simulations/field.py --stage report       # tables and figures from the runs finished so far
     python simulations/field.py --quick              # <= 20 min: SST-2, 3 variants, 2 seeds, 3 short rounds
 
@@ -12,8 +13,13 @@ Per task, in this order (every run a real `flwr run` Ray simulation, configs/fie
 2. sweep: each method (float32 uplink) at each learning rate of its grid, seed 0, evaluated on `holdout-examples`
    rows carved out of train (no client trains on them; dev stays unseen). The lr with the best holdout metric,
    averaged over the last 3 rounds, is the method's (lr.json, sweep.md); its int8 variant uses the same.
-3. seeds: every variant at its method's lr, seeds 0..n-1, evaluated on dev. Partitions are the same for all runs
+3. options: FedFAR's options (a longer priming, mask refresh, local masks, server momentum; a random mask as
+   control) at far10-emb's lr, seed 0, on the same holdout; the best FAR configuration there (options.json,
+   options.md) joins the next stages beside far10-emb.
+4. seeds: every variant at its method's lr, seeds 0..n-1, evaluated on dev. Partitions are the same for all runs
    (partition-seed 42); the seed changes the head's initialisation, sampling, dropout and shuffling.
+5. fleet: FedAvg-full and the best FedFAR on the mixed edge fleet (simulated memory, speed, bandwidth,
+   availability): simulated time to FedAvg-full's final metric (fleet.md).
 Then table.md (final metric mean +- sd; uplink and downlink per client per round; total MB; MB to 95% of FedAvg-full's
 final metric; peak training memory; step-time ratio), results.json and the figures (metric vs cumulative MB with a
 band over seeds; Pareto views against MB and against peak memory).
@@ -50,7 +56,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 DEFAULT_VARIANTS = tuple(VARIANTS)
 # FedFAR's options (issue 14, item 3), each at far10-emb's rate: a longer priming (10% of the run's steps instead
 # of 1%), a mask refreshed every 3 rounds, each device's own mask, server momentum, and a random mask as control.
-# Run with --variants far10-emb,<these>; the best joins the default variants once measured.
+# The options stage screens them on the train holdout (seed 0, like the sweep); the best FAR configuration there
+# joins the seeds and fleet stages. The control is reported, never chosen: it is not FAR.
+OPTION_BASE = "far10-emb"
+CONTROLS = ("random10-emb",)
 OPTIONS: dict[str, tuple[str, dict]] = {
     "far10-emb-prime10": ("far10-emb", {"priming-share": 0.1}),
     "far10-emb-reprime3": ("far10-emb", {"reprime-every": 3}),
@@ -62,7 +71,7 @@ VARIANTS.update(OPTIONS)
 # The fleet stage: the same runs on the mixed edge fleet (simulated memory, speed, bandwidth, availability), where
 # full fine-tuning must micro-batch on the small phones; the question is simulated time to FedAvg-full's metric.
 FLEET = {"fleet": "configs/fleets/mixed_edge.toml", "oom-policy": "adapt"}
-FLEET_VARIANTS = ("fedavg-full", "far10-emb")
+FLEET_VARIANTS = ("fedavg-full", OPTION_BASE)  # OPTION_BASE: the best FedFAR configuration once screened
 BASELINE = "fedavg-full"
 LAST = 3  # the sweep ranks rates by the mean holdout metric of the last 3 rounds: one seed's final alone is noisy
 # Learning-rate grids: full fine-tuning moves every weight and is run lower; the parameter-efficient methods
@@ -142,8 +151,7 @@ def sweep(plan: Plan, progress: Progress) -> dict[str, float]:
             run_dir = plan.run(f"sweep-{method}-lr{lr:g}", {"method": method, "lr": lr, "seed": 0,
                                                              "holdout-examples": plan.holdout}, progress)
             if run_dir is not None:
-                s = json.loads((run_dir / "summary.json").read_text())
-                curves[(method, lr)] = pd.read_csv(run_dir / "rounds.csv")[s["metric"]].tolist()
+                curves[(method, lr)] = curve(run_dir)
                 finals[lr] = float(np.mean(curves[(method, lr)][-LAST:]))
             step = extension(finals) if not grid else None
             if step is not None and step not in tried and (not plan.report_only or (
@@ -157,6 +165,12 @@ def sweep(plan: Plan, progress: Progress) -> dict[str, float]:
                                                       "holdout_examples": plan.holdout}, indent=2) + "\n")
         (plan.out / "sweep.md").write_text(sweep_table(plan, curves, chosen) + "\n")
     return chosen
+
+
+def curve(run_dir: Path) -> list[float]:
+    """A finished run's metric after each round, round 0 first."""
+    metric = json.loads((run_dir / "summary.json").read_text())["metric"]
+    return pd.read_csv(run_dir / "rounds.csv")[metric].tolist()
 
 
 def extension(finals: dict[float, float]) -> float | None:
@@ -177,11 +191,46 @@ def sweep_table(plan: Plan, curves: dict[tuple[str, float], list[float]], chosen
     lines = [f"Learning-rate sweep, {plan.task}: seed 0, metric on {plan.holdout} rows carved from train (not dev), "
              f"after each round; **bold**: the rate chosen (best mean of the last {LAST} rounds).", "",
              f"| method | lr | round 0 .. last | mean of the last {LAST} |", "|---|---|---|---|"]
-    for (method, lr), curve in curves.items():
+    for (method, lr), c in curves.items():
         mark = "**" if chosen.get(method) == lr else ""
-        lines.append(f"| {method} | {mark}{lr:g}{mark} | {' '.join(f'{m:.3f}' for m in curve)} | "
-                     f"{mark}{np.mean(curve[-LAST:]):.3f}{mark} |")
+        lines.append(f"| {method} | {mark}{lr:g}{mark} | {' '.join(f'{m:.3f}' for m in c)} | "
+                     f"{mark}{np.mean(c[-LAST:]):.3f}{mark} |")
     return "\n".join(lines)
+
+
+def options(plan: Plan, lrs: dict[str, float], progress: Progress) -> str | None:
+    """Screen FedFAR's options at far10-emb's rate on the train holdout (seed 0: the sweep's regime, so its
+    far10-emb run is the reference). Returns the best FAR configuration once every option has run (far10-emb
+    itself when none beats it), else None; options.json and options.md are rewritten as runs finish."""
+    method = VARIANTS[OPTION_BASE][0]
+    if method not in lrs:
+        print(f"options: no learning rate for {method} yet (its sweep is not complete): skipped", flush=True)
+        return None
+    lr = lrs[method]
+    runs = {OPTION_BASE: plan.out / "runs" / f"sweep-{method}-lr{lr:g}"}  # the sweep's run at this rate
+    for name in OPTIONS:
+        opt_method, extra = VARIANTS[name]
+        runs[name] = plan.run(f"option-{name}", {"method": opt_method, "lr": lr, "seed": 0,
+                                                  "holdout-examples": plan.holdout, **extra}, progress)
+    curves = {n: curve(d) for n, d in runs.items() if d is not None and (d / "summary.json").exists()}
+    scores = {n: float(np.mean(c[-LAST:])) for n, c in curves.items()}
+    complete = set(curves) == set(runs)
+    candidates = [n for n in curves if n not in CONTROLS]  # far10-emb first: it wins ties
+    best = max(candidates, key=lambda n: scores[n]) if complete else None
+    (plan.out / "options.json").write_text(json.dumps({
+        "lr": lr, f"holdout_mean_last_{LAST}": scores, "best": best, "controls": list(CONTROLS)}, indent=2) + "\n")
+    lines = [f"FedFAR's options, {plan.task}: each at {OPTION_BASE}'s rate ({lr:g}), seed 0, metric on "
+             f"{plan.holdout} rows carved from train (not dev); **bold**: the configuration chosen for the seeds "
+             f"and fleet stages (best mean of the last {LAST} rounds; {', '.join(CONTROLS)} is a control, never "
+             "chosen).", "", f"| variant | run-config beyond the method | round 0 .. last | mean of the last {LAST} | "
+             f"vs {OPTION_BASE} (points) |", "|---|---|---|---|---|"]
+    for n, c in curves.items():
+        mark = "**" if n == best else ""
+        extra = ", ".join(f"{k} = {v!r}" for k, v in VARIANTS[n][1].items()) or "(none)"
+        lines.append(f"| {mark}{n}{mark} | {extra} | {' '.join(f'{m:.3f}' for m in c)} | {mark}{scores[n]:.3f}{mark} "
+                     f"| {100 * (scores[n] - scores.get(OPTION_BASE, np.nan)):+.1f} |")
+    (plan.out / "options.md").write_text("\n".join(lines) + "\n")
+    return best
 
 
 def seed_runs(plan: Plan, lrs: dict[str, float], progress: Progress, variants: tuple[str, ...] | None = None,
@@ -406,11 +455,24 @@ def run_task(plan: Plan, stage: str, progress: Progress) -> None:
         lrs = {m: stored.get(m, QUICK_LR.get(m, QUICK_LR_PEFT)) for m in plan.methods}
     if stage == "sweep":
         return
-    records = seed_runs(plan, lrs, progress) if stage != "fleet" else []
+    # The options are screened where the sweep ran (not --quick) and FedFAR is in the study; a later stage run on
+    # its own takes the screen's answer from options.json.
+    screen = plan.sweep and OPTION_BASE in plan.variants
+    if screen and stage in ("all", "options", "report"):
+        best = options(plan, lrs, progress)
+    else:
+        stored = plan.out / "options.json"
+        best = json.loads(stored.read_text())["best"] if screen and stored.exists() else None
+    if stage == "options":
+        return
+    fedfar = best or OPTION_BASE
+    variants = plan.variants + ((fedfar,) if fedfar not in plan.variants else ())
+    records = seed_runs(plan, lrs, progress, variants) if stage != "fleet" else []
     if records:
         write_main(plan, records, benched, lrs)
     if plan.fleet and stage in ("all", "fleet", "report"):
-        fleet = seed_runs(plan, lrs, progress, FLEET_VARIANTS, "fleet-", FLEET)
+        fleet_variants = tuple(fedfar if v == OPTION_BASE else v for v in FLEET_VARIANTS)
+        fleet = seed_runs(plan, lrs, progress, fleet_variants, "fleet-", FLEET)
         if fleet:
             write_fleet(plan, fleet, benched)
 
@@ -444,15 +506,19 @@ def write_main(plan: Plan, records: list[dict], benched: dict, lrs: dict[str, fl
 def count_runs(plan: Plan, stage: str) -> int:
     if plan.report_only:
         return 0
-    sweeps = sum(len(lr_grid(m)) for m in plan.methods) if plan.sweep and stage in ("all", "sweep") else 0
+    # Kept runs count too (progress names each): every stage after the bench walks the sweep to read its rates.
+    sweeps = sum(len(lr_grid(m)) for m in plan.methods) if plan.sweep and stage != "bench" else 0
+    screen = len(OPTIONS) if plan.sweep and OPTION_BASE in plan.variants and stage in ("all", "options") else 0
     fleet = len(FLEET_VARIANTS) * len(plan.seeds) if stage in ("all", "fleet") and plan.fleet else 0
-    return sweeps + (len(plan.variants) * len(plan.seeds) if stage in ("all", "seeds") else 0) + fleet
+    best = 1 if plan.sweep and OPTION_BASE in plan.variants else 0  # the best option, if not far10-emb itself
+    seeds = (len(plan.variants) + best) * len(plan.seeds) if stage in ("all", "seeds") else 0
+    return sweeps + screen + seeds + fleet
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", default="sst2,cola")
-    p.add_argument("--stage", choices=("all", "bench", "sweep", "seeds", "fleet", "report"), default="all",
+    p.add_argument("--stage", choices=("all", "bench", "sweep", "options", "seeds", "fleet", "report"), default="all",
                    help="report: lr.json, sweep.md, the table and figures from the runs finished so far; runs nothing")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                    help=f"default: all of {', '.join(DEFAULT_VARIANTS)}; FedFAR's options: {', '.join(OPTIONS)}")

@@ -128,3 +128,36 @@ def test_a_sweep_whose_best_rate_is_at_an_end_goes_one_step_further():
     assert field.extension({3e-5: 0.86, 1e-4: 0.84, 3e-4: 0.80}) == 1e-5
     assert field.extension({1e-2: 0.9, 3e-3: 0.8}) is None  # the ladder ends
     assert field.extension({}) is None
+
+
+def _finished(run_dir: Path, curve: list[float]) -> None:
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.json").write_text(json.dumps({"metric": "accuracy", "final_metric": curve[-1]}))
+    (run_dir / "rounds.csv").write_text("round,accuracy\n" + "".join(f"{i},{m}\n" for i, m in enumerate(curve)))
+
+
+def test_the_options_screen_picks_the_best_far_configuration_on_the_holdout_and_never_the_control(tmp_path):
+    plan = field.Plan("sst2", "configs/field_sst2.toml", 10, 872, (0,), ("fedavg-full", "far10-emb"), tmp_path,
+                      report_only=True)
+    runs = tmp_path / "runs"
+    _finished(runs / "sweep-far10-emb-lr0.0003", [0.5, 0.80, 0.84, 0.85])  # the sweep's run is the reference
+    scores = {"far10-emb-prime10": 0.84, "far10-emb-reprime3": 0.86, "far10-emb-local": 0.83,
+              "far10-emb-fedavgm": 0.85, "random10-emb": 0.90}
+    for name, last in scores.items():
+        if name != "far10-emb-local":
+            _finished(runs / f"option-{name}", [0.5, last, last, last])
+    assert set(scores) == set(field.OPTIONS)
+    assert field.options(plan, {"far10-emb": 3e-4}, field.Progress(0)) is None  # one option has not run
+    assert field.options(plan, {"full": 1e-4}, field.Progress(0)) is None  # FAR's rate is not chosen yet
+    _finished(runs / "option-far10-emb-local", [0.5, 0.83, 0.83, 0.83])
+    # random10-emb scores best but is the control; reprime3's last 3 rounds (0.86) beat far10-emb's (0.83)
+    assert field.options(plan, {"far10-emb": 3e-4}, field.Progress(0)) == "far10-emb-reprime3"
+    stored = json.loads((tmp_path / "options.json").read_text())
+    assert stored["best"] == "far10-emb-reprime3" and stored["lr"] == 3e-4
+    assert stored["holdout_mean_last_3"]["far10-emb"] == pytest.approx(np.mean([0.80, 0.84, 0.85]))
+    text = (tmp_path / "options.md").read_text()
+    assert "| **far10-emb-reprime3** | reprime-every = 3 | 0.500 0.860 0.860 0.860 | **0.860** | +3.0 |" in text
+    assert "| random10-emb | method = 'random10-emb' | 0.500 0.900 0.900 0.900 | 0.900 | +7.0 |" in text
+    # When no option beats the reference, far10-emb itself goes on.
+    (runs / "sweep-far10-emb-lr0.0003" / "rounds.csv").write_text("round,accuracy\n0,0.5\n1,0.9\n2,0.9\n3,0.9\n")
+    assert field.options(plan, {"far10-emb": 3e-4}, field.Progress(0)) == "far10-emb"
