@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import compute_metrics, get_task, load_glue, make_loader, resolve_source, tokenize
+from .data import by_length, compute_metrics, get_task, load_glue, make_loader, resolve_source, tokenize
 from .devices.gpu import resolve_device
 from .methods import parse_method
 from .models import load_model, load_tokenizer
@@ -62,7 +62,8 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     dev_ds = load_glue(task, task.dev_splits[0], source)
     train_loader = make_loader(tokenize(train_ds, tokenizer, task, cfg.max_length), tokenizer, cfg.batch_size,
                                shuffle=True, seed=cfg.seed)
-    dev_loader = make_loader(tokenize(dev_ds, tokenizer, task, cfg.max_length), tokenizer, 128, shuffle=False)
+    dev_loader = make_loader(by_length(tokenize(dev_ds, tokenizer, task, cfg.max_length)), tokenizer, 128,
+                             shuffle=False)
     model = spec.attach(load_model(cfg.model, task.num_labels, seed=cfg.seed), cfg.seed)
     model.to(resolve_device(cfg.device))
     out.mkdir(parents=True, exist_ok=True)  # the run really starts: data and model are loaded

@@ -404,6 +404,37 @@ def test_tokenize_stsb_pairs_float_labels(tokenizer) -> None:
 
 @pytest.mark.realdata
 @needs_glue
+def test_evaluation_runs_shortest_first_and_scores_the_same_pairs(tokenizer) -> None:
+    from transformers import AutoModelForSequenceClassification, BertConfig
+
+    from fedfar.federation.client import evaluate
+    from fedfar.train import predict
+
+    tok = D.tokenize(D.load_glue("stsb", "validation", GLUE_DIR).select(range(64)), tokenizer, "stsb", max_length=64)
+    ordered = D.by_length(tok)
+    lengths = [len(x) for x in ordered["input_ids"]]
+    assert lengths == sorted(lengths) and sorted(ordered["labels"]) == sorted(tok["labels"])
+
+    def padded(ds) -> int:
+        return sum(b["input_ids"].numel() for b in D.make_loader(ds, tokenizer, 16, shuffle=False))
+
+    assert padded(ordered) < padded(tok)  # the point of the order: less padding to compute
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, num_labels=1))
+    logits, labels = predict(model, D.make_loader(tok, tokenizer, 16, shuffle=False))
+    sorted_logits, sorted_labels = predict(model, D.make_loader(ordered, tokenizer, 16, shuffle=False))
+    # Each row gets the same prediction whatever its batch's padding (up to float rounding), with its own label.
+    order = np.argsort([len(x) for x in tok["input_ids"]], kind="stable")
+    np.testing.assert_allclose(sorted_logits, logits[order], atol=1e-5)
+    np.testing.assert_array_equal(sorted_labels, labels[order])
+    assert evaluate(model, tok, tokenizer, "stsb", batch_size=16) == D.compute_metrics("stsb", sorted_logits,
+                                                                                       sorted_labels)
+
+
+@pytest.mark.realdata
+@needs_glue
 def test_loader_shuffle_is_seeded(tokenizer) -> None:
     tok = D.tokenize(D.load_glue("cola", "validation", GLUE_DIR).select(range(32)), tokenizer, "cola")
 

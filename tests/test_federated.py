@@ -21,7 +21,7 @@ from fedfar.federation import exchange
 from fedfar.devices.budget import TrainingShape, peak_bytes
 from fedfar.federation.config import RunConfig
 from fedfar.devices.profiles import load_catalog
-from fedfar.data import carve_holdout, default_glue_dir, get_task, load_glue, make_loader, tokenize
+from fedfar.data import by_length, carve_holdout, default_glue_dir, get_task, load_glue, make_loader, tokenize
 from fedfar.federation.launch import PROJECT_DIR, bin_path, flower_env, free_port, port_in_use, run_simulation
 from fedfar.federation.processes import process_tree, stop_process_tree
 from fedfar.federation.client import WorkerCache
@@ -233,7 +233,7 @@ def test_local_mask_mode_sends_row_indices_and_int8_deltas(runs):
 
 def _mcc(model, ds_tok, tokenizer) -> float:
     """Matthews correlation of the model's predictions on a tokenized set, from the confusion counts by hand."""
-    logits, gold = predict(model, make_loader(ds_tok, tokenizer, 128, shuffle=False))
+    logits, gold = predict(model, make_loader(by_length(ds_tok), tokenizer, 128, shuffle=False))  # as evaluated
     return mcc_by_hand(logits.argmax(1), gold)
 
 

@@ -105,7 +105,7 @@ def test_accounted_peak_agrees_with_the_profiled_allocator_on_minilm(method):
 
 
 def test_lora_finetune_saves_a_merged_checkpoint_that_predicts_what_was_evaluated(tmp_path, monkeypatch):
-    from fedfar.data import get_task, load_glue, make_loader, tokenize
+    from fedfar.data import by_length, get_task, load_glue, make_loader, tokenize
     from fedfar.train import predict
     from transformers import AutoTokenizer
 
@@ -125,7 +125,7 @@ def test_lora_finetune_saves_a_merged_checkpoint_that_predicts_what_was_evaluate
     task = get_task("cola")
     tok = AutoTokenizer.from_pretrained(out / "model")
     dev = load_glue(task, task.dev_splits[0], default_glue_dir())
-    loader = make_loader(tokenize(dev, tok, task, 48), tok, 128, shuffle=False)
+    loader = make_loader(by_length(tokenize(dev, tok, task, 48)), tok, 128, shuffle=False)  # fedfar's eval order
     logits, _ = predict(tuned, loader)
     (reported, _), = evaluated
     assert abs(logits - reported).max() < 1e-4

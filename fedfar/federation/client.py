@@ -22,7 +22,8 @@ from typing import Callable, Hashable, Mapping, TypeVar
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from ..data import PartitionIndex, compute_metrics, get_task, load_glue, make_loader, reshuffled, tokenize
+from ..data import (PartitionIndex, by_length, compute_metrics, get_task, load_glue, make_loader, reshuffled,
+                    tokenize)
 from ..devices.budget import TrainingShape
 from ..devices.device import Device, DevicePlan, Outcome, client_profile, device_plan, profile_record
 from ..devices.flops import count_flops
@@ -309,7 +310,7 @@ def local_update(
 
 def evaluate(model, ds_tok, tokenizer, task, batch_size: int = 128) -> dict[str, float]:
     coldstart.mark("step")
-    logits, labels = predict(model, make_loader(ds_tok, tokenizer, batch_size, shuffle=False))
+    logits, labels = predict(model, make_loader(by_length(ds_tok), tokenizer, batch_size, shuffle=False))
     return compute_metrics(task, logits, labels)
 
 
