@@ -337,6 +337,30 @@ def fleet_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+GOAL_POINTS, GOAL_BYTES, GOAL_SIM = 1.0, 0.2, 0.6  # issue 14's goal for FedFAR against FedAvg-full
+
+
+def goals(rows: list[dict], fleet: bool = False) -> str:
+    """Each FedFAR variant against issue 14's goal: within 1 point of FedAvg-full's mean final metric at <= 0.2x
+    its bytes; on the fleet, FedAvg-full's final metric in <= 0.6x its simulated time."""
+    eps = 1e-9  # "within 1 point" includes 1 point: 100 * (0.87 - 0.88) is -1.0000000000000009
+    lines = []
+    for r in rows:
+        if not r["method"].startswith("far") or "gap_points" not in r:
+            continue
+        if fleet:
+            met = r.get("sim_ratio", np.inf) <= GOAL_SIM + eps
+            text = f"FedAvg-full's final metric in {r.get('sim_ratio', np.inf):.2f}x its simulated time"
+        else:
+            met = r["gap_points"] >= -GOAL_POINTS - eps and r["bytes_ratio"] <= GOAL_BYTES + eps
+            text = (f"{r['gap_points']:+.1f} points against FedAvg-full"
+                    + (" (inside the spread)" if r["gap_within_spread"] else "") + f", {r['bytes_ratio']:.3f}x its bytes")
+        lines.append(f"- {r['variant']}: {text}: goal {'met' if met else 'not met'} ({r['seeds']} seeds)")
+    goal = ("FedAvg-full's final metric in <= 0.6x its simulated time" if fleet
+            else "within 1 point of FedAvg-full at <= 0.2x its bytes")
+    return f"Goal: {goal}.\n" + "\n".join(lines) if lines else ""
+
+
 def table(rows: list[dict], task: str) -> str:
     metric = rows[0]["metric"]
     lines = [f"| variant (lr) | dev {metric}, mean +- sd (seeds) | vs FedAvg-full (points) | uplink / client / round "
@@ -479,7 +503,7 @@ def run_task(plan: Plan, stage: str, progress: Progress) -> None:
 
 def write_fleet(plan: Plan, records: list[dict], benched: dict) -> None:
     rows = fleet_summary(summarize(records, benched))
-    text = fleet_table(rows)
+    text = fleet_table(rows) + "\n\n" + goals(rows, fleet=True)
     (plan.out / "fleet.md").write_text(text + "\n")
     (plan.out / "fleet_results.json").write_text(json.dumps({"rows": rows, "runs": records}, indent=2,
                                                             default=float) + "\n")
@@ -494,7 +518,8 @@ def write_main(plan: Plan, records: list[dict], benched: dict, lrs: dict[str, fl
     winners = {k: pareto_winners(rows, k) for k in ("mb_total", "peak_mib")}
     (plan.out / "table.md").write_text(
         text + "\n\nPareto front (no other variant has both less and a higher mean final metric): by total MB: "
-        + ", ".join(winners["mb_total"]) + "; by peak training memory: " + ", ".join(winners["peak_mib"]) + ".\n")
+        + ", ".join(winners["mb_total"]) + "; by peak training memory: " + ", ".join(winners["peak_mib"]) + ".\n\n"
+        + goals(rows) + "\n")
     (plan.out / "results.json").write_text(json.dumps({"rows": rows, "runs": records, "lr": lrs,
                                                        "pareto": winners}, indent=2, default=float) + "\n")
     paths = plot(rows, plan.out, f"{plan.task.upper()}, MiniLM-L6, {plan.clients} clients, "

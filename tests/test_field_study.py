@@ -46,6 +46,10 @@ def test_seeds_become_mean_and_sd_and_the_mb_to_95_percent_is_read_off_the_mean_
     text = field.table(list(rows.values()), "sst2")
     assert "| far10-emb (0.0001) | 0.870 +- 0.014 (2) | -1.0 (inside the spread) |" in text
     assert "| not reached |" in text
+    assert field.goals(list(rows.values())).splitlines()[1:] == [
+        "- far10-emb: -1.0 points against FedAvg-full (inside the spread), 0.200x its bytes: goal met (2 seeds)"]
+    far["gap_points"] = -1.2
+    assert field.goals([far]).endswith("goal not met (2 seeds)")
 
 
 def test_the_pareto_front_keeps_only_points_nothing_beats_on_both_axes():
@@ -120,6 +124,8 @@ def test_the_fleet_stage_reads_simulated_time_to_fedavg_fulls_final_metric():
     assert full["sim_to_baseline_final"] == 1800.0 and full["sim_ratio"] == 1.0
     text = field.fleet_table(list(rows.values()))
     assert "| far10-emb (0.0001) | 0.840 +- 0.014 (2) | 10.0 min | 6.7 min | 0.22 | 30 |" in text
+    assert field.goals([far], fleet=True).splitlines()[1:] == [
+        "- far10-emb: FedAvg-full's final metric in 0.22x its simulated time: goal met (2 seeds)"]
 
 
 def test_a_sweep_whose_best_rate_is_at_an_end_goes_one_step_further():
