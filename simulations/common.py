@@ -19,6 +19,7 @@ class Progress:
 
     def next(self, name: str) -> None:
         self.index += 1
+        self.total = max(self.total, self.index)  # a study may add a run it could not count ahead
         elapsed = time.perf_counter() - self.start
         left = (f", about {elapsed / self.ran * (self.total - self.index + 1) / 60:.0f} min left" if self.ran else "")
         print(f"=== run {self.index}/{self.total}: {name} (study {elapsed / 60:.0f} min in{left}) ===", flush=True)

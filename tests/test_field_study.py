@@ -50,6 +50,10 @@ def test_seeds_become_mean_and_sd_and_the_mb_to_95_percent_is_read_off_the_mean_
         "- far10-emb: -1.0 points against FedAvg-full (inside the spread), 0.200x its bytes: goal met (2 seeds)"]
     far["gap_points"] = -1.2
     assert field.goals([far]).endswith("goal not met (2 seeds)")
+    far.update(gap_points=0.5, bytes_ratio=0.25)  # level, but too many bytes
+    assert field.goals([far]).endswith("0.250x its bytes: goal not met (2 seeds)")
+    control = {**far, "variant": "random10-emb", "bytes_ratio": 0.1}  # the random mask is not FedFAR
+    assert field.goals([far, control]).count("\n- ") == 1 and field.goals([control]) == ""
 
 
 def test_the_pareto_front_keeps_only_points_nothing_beats_on_both_axes():
@@ -126,6 +130,8 @@ def test_the_fleet_stage_reads_simulated_time_to_fedavg_fulls_final_metric():
     assert "| far10-emb (0.0001) | 0.840 +- 0.014 (2) | 10.0 min | 6.7 min | 0.22 | 30 |" in text
     assert field.goals([far], fleet=True).splitlines()[1:] == [
         "- far10-emb: FedAvg-full's final metric in 0.22x its simulated time: goal met (2 seeds)"]
+    far["sim_ratio"] = float("inf")  # never reached it
+    assert field.goals([far], fleet=True).endswith("never reached FedAvg-full's final metric: goal not met (2 seeds)")
 
 
 def test_a_sweep_whose_best_rate_is_at_an_end_goes_one_step_further():
@@ -147,23 +153,48 @@ def test_the_options_screen_picks_the_best_far_configuration_on_the_holdout_and_
                       report_only=True)
     runs = tmp_path / "runs"
     _finished(runs / "sweep-far10-emb-lr0.0003", [0.5, 0.80, 0.84, 0.85])  # the sweep's run is the reference
-    scores = {"far10-emb-prime10": 0.84, "far10-emb-reprime3": 0.86, "far10-emb-local": 0.83,
-              "far10-emb-fedavgm": 0.85, "random10-emb": 0.90}
-    for name, last in scores.items():
-        if name != "far10-emb-local":
-            _finished(runs / f"option-{name}", [0.5, last, last, last])
+    scores = {"far10-emb-prime10": 0.84, "far10-emb-reprime3": 0.82, "far10-emb-local": 0.83,
+              "far10-emb-fedavgm": 0.81, "random10-emb": 0.90}
     assert set(scores) == set(field.OPTIONS)
-    assert field.options(plan, {"far10-emb": 3e-4}, field.Progress(0)) is None  # one option has not run
+    for name, last in scores.items():
+        if name not in ("far10-emb-local", "random10-emb"):
+            _finished(runs / f"option-{name}-lr0.0003", [0.5, last, last, last])
+    assert field.options(plan, {"far10-emb": 3e-4}, field.Progress(0)) is None  # a FAR option has not run
     assert field.options(plan, {"full": 1e-4}, field.Progress(0)) is None  # FAR's rate is not chosen yet
-    _finished(runs / "option-far10-emb-local", [0.5, 0.83, 0.83, 0.83])
-    # random10-emb scores best but is the control; reprime3's last 3 rounds (0.86) beat far10-emb's (0.83)
-    assert field.options(plan, {"far10-emb": 3e-4}, field.Progress(0)) == "far10-emb-reprime3"
+    _finished(runs / "option-far10-emb-local-lr0.0003", [0.5, 0.83, 0.83, 0.83])
+    # The control has not run: no matter, it is never chosen. prime10 (0.84) is the best option; far10-emb's last
+    # 3 rounds (0.83) are below it, so prime10 is also the fleet's FedFAR.
+    screen = field.options(plan, {"far10-emb": 3e-4}, field.Progress(0))
+    assert screen == {"best_option": "far10-emb-prime10", "fleet_fedfar": "far10-emb-prime10"}
+    _finished(runs / "option-random10-emb-lr0.0003", [0.5, 0.9, 0.9, 0.9])
+    assert field.options(plan, {"far10-emb": 3e-4}, field.Progress(0)) == screen  # the control scores best
     stored = json.loads((tmp_path / "options.json").read_text())
-    assert stored["best"] == "far10-emb-reprime3" and stored["lr"] == 3e-4
+    assert stored["best_option"] == "far10-emb-prime10" and stored["lr"] == 3e-4
     assert stored["holdout_mean_last_3"]["far10-emb"] == pytest.approx(np.mean([0.80, 0.84, 0.85]))
     text = (tmp_path / "options.md").read_text()
-    assert "| **far10-emb-reprime3** | reprime-every = 3 | 0.500 0.860 0.860 0.860 | **0.860** | +3.0 |" in text
+    assert "| **far10-emb-prime10** | priming-share = 0.1 | 0.500 0.840 0.840 0.840 | **0.840** | +1.0 |" in text
     assert "| random10-emb | method = 'random10-emb' | 0.500 0.900 0.900 0.900 | 0.900 | +7.0 |" in text
-    # When no option beats the reference, far10-emb itself goes on.
-    (runs / "sweep-far10-emb-lr0.0003" / "rounds.csv").write_text("round,accuracy\n0,0.5\n1,0.9\n2,0.9\n3,0.9\n")
-    assert field.options(plan, {"far10-emb": 3e-4}, field.Progress(0)) == "far10-emb"
+    # The best option joins the seeds stage beside far10-emb; the fleet runs the better of the two.
+    assert field.seed_variants(plan, screen) == ("fedavg-full", "far10-emb", "far10-emb-prime10")
+    assert field.fleet_variants(screen) == ("fedavg-full", "far10-emb-prime10")
+    # When far10-emb beats every option on the holdout (a tie too), the fleet runs far10-emb itself.
+    (runs / "sweep-far10-emb-lr0.0003" / "rounds.csv").write_text("round,accuracy\n0,0.5\n1,0.84\n2,0.84\n3,0.84\n")
+    screen = field.options(plan, {"far10-emb": 3e-4}, field.Progress(0))
+    assert screen == {"best_option": "far10-emb-prime10", "fleet_fedfar": "far10-emb"}
+    assert field.fleet_variants(screen) == ("fedavg-full", "far10-emb")
+    # Another rate for far10-emb screens anew: the option runs at 3e-4 do not count for 1e-3.
+    _finished(runs / "sweep-far10-emb-lr0.001", [0.5, 0.9, 0.9, 0.9])
+    assert field.options(plan, {"far10-emb": 1e-3}, field.Progress(0)) is None
+    # A study without far10-emb screens nothing and adds nothing to its seeds.
+    other = field.Plan("sst2", "configs/field_sst2.toml", 10, 872, (0,), ("fedavg-full", "far10-emb-local"), tmp_path)
+    assert not field.screened(other) and field.seed_variants(other, None) == ("fedavg-full", "far10-emb-local")
+    assert field.fleet_variants(None) == ("fedavg-full", "far10-emb")
+
+
+def test_a_sweep_of_a_few_methods_keeps_the_rates_the_others_have(tmp_path):
+    for method, lr, last in (("full", 3e-5, 0.8), ("full", 1e-4, 0.86), ("full", 3e-4, 0.84),
+                             ("bitfit", 1e-4, 0.7), ("bitfit", 3e-4, 0.75), ("bitfit", 1e-3, 0.74)):
+        _finished(tmp_path / "runs" / f"sweep-{method}-lr{lr:g}", [0.5, last, last, last])
+    plan = field.Plan("sst2", "configs/field_sst2.toml", 10, 872, (0,), ("bitfit",), tmp_path, report_only=True)
+    assert field.sweep(plan, field.Progress(0)) == {"full": 1e-4, "bitfit": 3e-4}
+    assert json.loads((tmp_path / "lr.json").read_text())["chosen"] == {"full": 1e-4, "bitfit": 3e-4}
