@@ -66,7 +66,8 @@ def test_the_pareto_front_keeps_only_points_nothing_beats_on_both_axes():
 
 
 def test_a_kept_run_with_other_settings_stops_the_study(tmp_path):
-    config = "configs/field_sst2.toml"
+    config = tmp_path / "study.toml"  # a study's config file, fixed here (the real ones change with the study)
+    config.write_text('task = "sst2"\nmax-train-examples = 480\nnum-rounds = 10\n')
     run = tmp_path / "run"
     run.mkdir()
     stored = {"task": "sst2", "lr": 0.0003, "method": "far10-emb", "max-train-examples": 480, "num-rounds": 10}
