@@ -100,9 +100,10 @@ class Plan:
     report_only: bool = False  # --stage report: tables and figures from the finished runs, nothing run
     fleet: bool = True         # run the fleet stage too (not --quick)
 
-    def run(self, name: str, overrides: dict, progress: Progress) -> Path | None:
-        """The finished run `name` of this task: run (or continue) it, or with report_only, only look for it."""
-        if self.report_only:
+    def run(self, name: str, overrides: dict, progress: Progress, read_only: bool = False) -> Path | None:
+        """The finished run `name` of this task: run (or continue) it, or with report_only or read_only, only look
+        for it."""
+        if self.report_only or read_only:
             return self.find(name)
         return run_variant(self.config, self.clients, self.out / "runs", name, {**overrides, **self.overrides()},
                            progress)
@@ -132,7 +133,7 @@ def bench(plan: Plan) -> dict[str, dict]:
     if not path.exists():
         from fedfar.bench import format_table, run_bench, write_json
 
-        cfg = _config(plan)
+        cfg = run_config_values(plan.config)
         methods = ["full", *[m for m in plan.methods if m != "full"]]
         print(f"=== bench: {', '.join(methods)} at batch {cfg['batch-size']} x {cfg['max-length']} tokens ===",
               flush=True)
@@ -152,19 +153,19 @@ def sweep(plan: Plan, progress: Progress, run: bool = True) -> dict[str, float]:
     known = dict.fromkeys([*plan.methods, *(VARIANTS[v][0] for v in DEFAULT_VARIANTS)])
     for method in known:
         finals, grid, tried = {}, list(lr_grid(method)), set()
-        look_only = not run or method not in plan.methods
+        read_only = plan.report_only or not run or method not in plan.methods
         while grid:
             lr = grid.pop(0)
             tried.add(lr)
             name = f"sweep-{method}-lr{lr:g}"
-            run_dir = plan.find(name) if look_only else plan.run(name, {"method": method, "lr": lr, "seed": 0,
-                                                                         "holdout-examples": plan.holdout}, progress)
+            run_dir = plan.run(name, {"method": method, "lr": lr, "seed": 0, "holdout-examples": plan.holdout},
+                               progress, read_only)
             if run_dir is not None:
                 curves[(method, lr)] = curve(run_dir)
                 finals[lr] = float(np.mean(curves[(method, lr)][-LAST:]))
             step = extension(finals) if not grid else None
             if step is not None and step not in tried and (
-                    not (look_only or plan.report_only) or plan.find(f"sweep-{method}-lr{step:g}") is not None):
+                    not read_only or plan.find(f"sweep-{method}-lr{step:g}") is not None):
                 grid.append(step)
         # A method is tuned once its whole grid has run, and the step past a best rate at the grid's end too.
         if set(lr_grid(method)) <= set(finals) and extension(finals) in (None, *finals):
@@ -223,8 +224,8 @@ def options(plan: Plan, lrs: dict[str, float], progress: Progress, run: bool = T
     for name in OPTIONS:
         opt_method, extra = VARIANTS[name]
         run_name = f"option-{name}-lr{lr:g}"  # the rate in the name: a rate chosen anew screens anew
-        runs[name] = plan.find(run_name) if not run else plan.run(
-            run_name, {"method": opt_method, "lr": lr, "seed": 0, "holdout-examples": plan.holdout, **extra}, progress)
+        runs[name] = plan.run(run_name, {"method": opt_method, "lr": lr, "seed": 0, "holdout-examples": plan.holdout,
+                                         **extra}, progress, read_only=not run)
     curves = {n: curve(d) for n, d in runs.items() if d is not None}
     scores = {n: float(np.mean(c[-LAST:])) for n, c in curves.items()}
     far = [n for n in runs if n not in CONTROLS]  # far10-emb first: it wins ties
@@ -484,10 +485,6 @@ def pareto_winners(rows: list[dict], key: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ main
-def _config(plan: Plan) -> dict:
-    return run_config_values(plan.config)
-
-
 def run_task(plan: Plan, stage: str, progress: Progress) -> None:
     plan.out.mkdir(parents=True, exist_ok=True)
     run_bench = stage in ("all", "bench") or (plan.out / "bench.json").exists()  # report: only a bench that ran
