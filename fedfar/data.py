@@ -375,8 +375,8 @@ def make_loader(
 
 
 def by_length(ds_tok: Dataset) -> Dataset:
-    """The rows shortest first, for evaluation: batches of similar length pad less (about half the tokens of a
-    GLUE dev set at max length 64), and every GLUE metric is the same in any order of (prediction, label) pairs."""
+    """The rows shortest first, for evaluation: batches of similar length pad less, and every GLUE metric is the
+    same in any order of (prediction, label) pairs."""
     return ds_tok.select(np.argsort([len(ids) for ids in ds_tok["input_ids"]], kind="stable"))
 
 
