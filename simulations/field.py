@@ -333,49 +333,59 @@ def first_reach(xs: list[float], curve: list[float], target: float) -> float:
     return xs[reached[0]] if reached else float("inf")
 
 
+GOAL_POINTS, GOAL_BYTES, GOAL_SIM = 1.0, 0.2, 0.6  # issue 14's goal for FedFAR against FedAvg-full
+EPS = 1e-9  # "within 1 point" includes 1 point: 100 * (0.87 - 0.88) is -1.0000000000000009
+
+
 def fleet_summary(rows: list[dict]) -> list[dict]:
     """The fleet stage's rows with simulated time: the total, and when each reaches FedAvg-full's final mean
-    metric (100%, not 95%), as a share of FedAvg-full's whole simulated time."""
+    metric (100%, not 95%), as a share of FedAvg-full's whole simulated time; and, beside it, when each comes
+    within the goal's 1 point of it (a mean curve that ends level within the spread may never touch 100%)."""
     base = next((r for r in rows if r["variant"] == BASELINE), None)
     for r in rows:
         if base is not None:
             r["sim_to_baseline_final"] = first_reach(r["sim_cum"], r["curve_mean"], base["final_mean"])
             r["sim_ratio"] = r["sim_to_baseline_final"] / base["sim_total_s"]
+            r["sim_to_within_1pt"] = first_reach(r["sim_cum"], r["curve_mean"],
+                                                 base["final_mean"] - GOAL_POINTS / 100 - EPS)
+            r["sim_ratio_1pt"] = r["sim_to_within_1pt"] / base["sim_total_s"]
     return rows
 
 
 def fleet_table(rows: list[dict]) -> str:
     metric = rows[0]["metric"]
     lines = [f"| variant (lr) | dev {metric}, mean +- sd (seeds) | simulated time, whole run | simulated time to "
-             "FedAvg-full's final | x FedAvg-full's time | total MB |", "|" + "---|" * 6]
+             "FedAvg-full's final | x FedAvg-full's time | to within 1 point of it | x FedAvg-full's time | "
+             "total MB |", "|" + "---|" * 8]
+
+    def reach(r: dict, key: str, ratio: str) -> str:
+        t = r.get(key, float("nan"))
+        return ("not reached | " if t == float("inf") else " | " if np.isnan(t) else
+                f"{t / 60:.1f} min | {r[ratio]:.2f}")
+
     for r in rows:
-        reach = r.get("sim_to_baseline_final", float("nan"))
         lines.append(f"| {r['variant']} ({r['lr']:g}) | {r['final_mean']:.3f} +- {r['final_sd']:.3f} ({r['seeds']}) | "
-                     f"{r['sim_total_s'] / 60:.1f} min | "
-                     + ("not reached" if reach == float("inf") else f"{reach / 60:.1f} min") + " | "
-                     + ("" if not np.isfinite(r.get("sim_ratio", np.nan)) else f"{r['sim_ratio']:.2f}")
-                     + f" | {r['mb_total']:.0f} |")
+                     f"{r['sim_total_s'] / 60:.1f} min | {reach(r, 'sim_to_baseline_final', 'sim_ratio')} | "
+                     f"{reach(r, 'sim_to_within_1pt', 'sim_ratio_1pt')} | {r['mb_total']:.0f} |")
     return "\n".join(lines)
-
-
-GOAL_POINTS, GOAL_BYTES, GOAL_SIM = 1.0, 0.2, 0.6  # issue 14's goal for FedFAR against FedAvg-full
 
 
 def goals(rows: list[dict], fleet: bool = False) -> str:
     """Each FedFAR variant against issue 14's goal: within 1 point of FedAvg-full's mean final metric at <= 0.2x
     its bytes; on the fleet, FedAvg-full's final metric in <= 0.6x its simulated time."""
-    eps = 1e-9  # "within 1 point" includes 1 point: 100 * (0.87 - 0.88) is -1.0000000000000009
     lines = []
     for r in rows:
         if not r["method"].startswith("far") or r["variant"] in CONTROLS or "gap_points" not in r:
             continue
         if fleet:
             ratio = r.get("sim_ratio", np.inf)
-            met = ratio <= GOAL_SIM + eps
+            met = ratio <= GOAL_SIM + EPS
             text = (f"FedAvg-full's final metric in {ratio:.2f}x its simulated time" if np.isfinite(ratio)
                     else "never reached FedAvg-full's final metric")
+            if np.isfinite(r.get("sim_ratio_1pt", np.inf)):
+                text += f" (within 1 point of it in {r['sim_ratio_1pt']:.2f}x)"
         else:
-            met = r["gap_points"] >= -GOAL_POINTS - eps and r["bytes_ratio"] <= GOAL_BYTES + eps
+            met = r["gap_points"] >= -GOAL_POINTS - EPS and r["bytes_ratio"] <= GOAL_BYTES + EPS
             text = (f"{r['gap_points']:+.1f} points against FedAvg-full"
                     + (" (inside the spread)" if r["gap_within_spread"] else "") + f", {r['bytes_ratio']:.3f}x its bytes")
         lines.append(f"- {r['variant']}: {text}: goal {'met' if met else 'not met'} ({r['seeds']} seeds)")

@@ -127,12 +127,23 @@ def test_the_fleet_stage_reads_simulated_time_to_fedavg_fulls_final_metric():
     # FedAvg-full ends at 0.83 (mean); FAR's mean curve (0.5, 0.8, 0.83, 0.84) reaches it at round 2, 400 s.
     assert far["sim_to_baseline_final"] == 400.0 and far["sim_ratio"] == pytest.approx(400 / 1800)
     assert full["sim_to_baseline_final"] == 1800.0 and full["sim_ratio"] == 1.0
+    # Within 1 point of 0.83 is 0.82: FAR's mean curve is there at round 2 too, FedAvg-full's (0.5, 0.7, 0.8,
+    # 0.83) only at its last round.
+    assert far["sim_to_within_1pt"] == 400.0 and full["sim_to_within_1pt"] == 1800.0
     text = field.fleet_table(list(rows.values()))
-    assert "| far10-emb (0.0001) | 0.840 +- 0.014 (2) | 10.0 min | 6.7 min | 0.22 | 30 |" in text
+    assert "| far10-emb (0.0001) | 0.840 +- 0.014 (2) | 10.0 min | 6.7 min | 0.22 | 6.7 min | 0.22 | 30 |" in text
     assert field.goals([far], fleet=True).splitlines()[1:] == [
-        "- far10-emb: FedAvg-full's final metric in 0.22x its simulated time: goal met (2 seeds)"]
-    far["sim_ratio"] = float("inf")  # never reached it
-    assert field.goals([far], fleet=True).endswith("never reached FedAvg-full's final metric: goal not met (2 seeds)")
+        "- far10-emb: FedAvg-full's final metric in 0.22x its simulated time (within 1 point of it in 0.22x): "
+        "goal met (2 seeds)"]
+    # A FedFAR that ends 0.5 point below never reaches FedAvg-full's final, but comes within 1 point of it.
+    records[2:] = [run("far10-emb", 0, [0.5, 0.7, 0.81, 0.825], 200.0),
+                   run("far10-emb", 1, [0.5, 0.7, 0.82, 0.825], 200.0)]
+    rows = {r["variant"]: r for r in field.fleet_summary(field.summarize(records, {}))}
+    far = rows["far10-emb"]
+    assert far["sim_ratio"] == float("inf") and far["sim_to_within_1pt"] == 600.0
+    assert "| 10.0 min | not reached |  | 10.0 min | 0.33 | 30 |" in field.fleet_table(list(rows.values()))
+    assert field.goals([far], fleet=True).endswith(
+        "never reached FedAvg-full's final metric (within 1 point of it in 0.33x): goal not met (2 seeds)")
 
 
 def test_a_sweep_whose_best_rate_is_at_an_end_goes_one_step_further():
