@@ -441,6 +441,36 @@ def band_plot(rows: list[dict], x_key: str, xlabel: str, path: Path, title: str,
     return path
 
 
+def annotate_apart(ax, pts: list[tuple]) -> None:
+    """Label each point without overprinting: variants at the same point (an int8 variant has its float32
+    twin's memory, and often its metric) share one label, and a label that would overlap one already drawn
+    moves down a line at a time until it does not (measured with the renderer, after the axes are scaled)."""
+    if not pts:
+        return
+    ys = [y for _, y, _ in pts]
+    yspan = (max(ys) - min(ys)) or 1.0
+    groups: list[list] = []  # [x, y, names]
+    for x, y, r in sorted(pts, key=lambda p: (p[0], -p[1])):
+        for g in groups:
+            if g[0] == x and abs(g[1] - y) < 0.02 * yspan:
+                g[2].append(r["variant"])
+                break
+        else:
+            groups.append([x, y, [r["variant"]]])
+    ax.figure.canvas.draw()  # fixes the limits, so window extents are final
+    renderer = ax.figure.canvas.get_renderer()
+    drawn = []
+    for x, y, names in groups:
+        for line in range(len(groups) + 1):
+            label = ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(5, 4 - 10 * line),
+                                fontsize=8)
+            box = label.get_window_extent(renderer)
+            if not any(box.overlaps(b) for b in drawn):
+                break
+            label.remove()
+        drawn.append(box)
+
+
 def plot(rows: list[dict], out: Path, title: str) -> list[Path]:
     """metric_vs_mb.png (round 0 has sent nothing but FAR's priming scores: no place on the log axis) and
     pareto.png."""
@@ -459,14 +489,14 @@ def plot(rows: list[dict], out: Path, title: str) -> list[Path]:
         pts = [(r[key], r["final_mean"], r) for r in rows if np.isfinite(r[key])]
         for x, y, r in pts:
             ax.errorbar(x, y, yerr=0 if np.isnan(r["final_sd"]) else r["final_sd"], fmt="o", capsize=3)
-            ax.annotate(r["variant"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        if key == "mb_total":
+            ax.set_xscale("log")
+        annotate_apart(ax, pts)
         front = pareto(pts)
         if front:
             ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="grey", ls="--", lw=1,
                     label="Pareto front (fewer, higher)")
             ax.legend(fontsize=8, loc="lower right")
-        if key == "mb_total":
-            ax.set_xscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"final dev {metric} (mean +- sd)")
         ax.grid(alpha=0.3, which="both")

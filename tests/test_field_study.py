@@ -210,3 +210,26 @@ def test_a_sweep_of_a_few_methods_keeps_the_rates_the_others_have(tmp_path):
     plan = field.Plan("sst2", "configs/field_sst2.toml", 10, 872, (0,), ("bitfit",), tmp_path, report_only=True)
     assert field.sweep(plan, field.Progress(0)) == {"full": 1e-4, "bitfit": 3e-4}
     assert json.loads((tmp_path / "lr.json").read_text())["chosen"] == {"full": 1e-4, "bitfit": 3e-4}
+
+
+def test_pareto_labels_share_a_point_and_never_overprint():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # fedavg-full and its int8 twin at one point; four more labels crowded within a pixel or two of each other
+    pts = [(567, 0.848, {"variant": "fedavg-full"}), (567, 0.848, {"variant": "fedavg-full-int8"}),
+           (222, 0.843, {"variant": "far10-attn"}), (222.5, 0.8425, {"variant": "far10-attn-int8"}),
+           (223, 0.8431, {"variant": "far10-attn-long-name"}), (243, 0.811, {"variant": "bitfit"})]
+    fig, ax = plt.subplots()
+    for x, y, _ in pts:
+        ax.plot(x, y, "o")
+    field.annotate_apart(ax, pts)
+    labels = [t for t in ax.texts]
+    assert sorted(t.get_text() for t in labels) == sorted(
+        ["fedavg-full, fedavg-full-int8", "far10-attn", "far10-attn-int8", "far10-attn-long-name", "bitfit"])
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in labels]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    plt.close(fig)
