@@ -457,6 +457,7 @@ def annotate_apart(ax, pts: list[tuple]) -> None:
                 break
         else:
             groups.append([x, y, [r["variant"]]])
+    groups.sort(key=lambda g: -g[1])  # top down: a label that moves down stays below the labels of higher points
     ax.figure.canvas.draw()  # fixes the limits, so window extents are final
     renderer = ax.figure.canvas.get_renderer()
     drawn = []

@@ -233,3 +233,25 @@ def test_pareto_labels_share_a_point_and_never_overprint():
     boxes = [t.get_window_extent(renderer) for t in labels]
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
     plt.close(fig)
+
+
+def test_crowded_pareto_labels_keep_their_points_order():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # CoLA's far10-emb and its momentum twin: the same bytes but for a rounding, 0.3 points apart, on a log axis;
+    # the lower point comes first by x, and its label must still end up under the higher point's
+    pts = [(1768.6, 0.216, {"variant": "lower"}), (1769.0, 0.219, {"variant": "higher"}),
+           (9086.5, 0.252, {"variant": "fedavg-full"})]
+    fig, ax = plt.subplots()
+    ax.set_xscale("log")
+    for x, y, _ in pts:
+        ax.plot(x, y, "o")
+    ax.set_ylim(0.18, 0.30)  # as the error bars set it: the two points' labels would overlap where they stand
+    field.annotate_apart(ax, pts)
+    renderer = fig.canvas.get_renderer()
+    box = {t.get_text(): t.get_window_extent(renderer) for t in ax.texts}
+    assert box["higher"].y0 > box["lower"].y0 and not box["higher"].overlaps(box["lower"])
+    plt.close(fig)
