@@ -212,46 +212,45 @@ def test_a_sweep_of_a_few_methods_keeps_the_rates_the_others_have(tmp_path):
     assert json.loads((tmp_path / "lr.json").read_text())["chosen"] == {"full": 1e-4, "bitfit": 3e-4}
 
 
-def test_pareto_labels_share_a_point_and_never_overprint():
+@pytest.fixture
+def ax():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, ax = plt.subplots()
+    yield ax
+    plt.close(fig)
+
+
+def _labels(ax, pts) -> list[tuple]:
+    """Plot the points, label them with annotate_apart, and return each label's (text, rendered box)."""
+    for x, y, _ in pts:
+        ax.plot(x, y, "o")
+    field.annotate_apart(ax, pts)
+    renderer = ax.figure.canvas.get_renderer()
+    return [(t.get_text(), t.get_window_extent(renderer)) for t in ax.texts]
+
+
+def test_pareto_labels_share_a_point_and_never_overprint(ax):
     # fedavg-full and its int8 twin at one point; four more labels crowded within a pixel or two of each other
     pts = [(567, 0.848, {"variant": "fedavg-full"}), (567, 0.848, {"variant": "fedavg-full-int8"}),
            (222, 0.843, {"variant": "far10-attn"}), (222.5, 0.8425, {"variant": "far10-attn-int8"}),
            (223, 0.8431, {"variant": "far10-attn-long-name"}), (243, 0.811, {"variant": "bitfit"})]
-    fig, ax = plt.subplots()
-    for x, y, _ in pts:
-        ax.plot(x, y, "o")
-    field.annotate_apart(ax, pts)
-    labels = [t for t in ax.texts]
-    assert sorted(t.get_text() for t in labels) == sorted(
+    labels = _labels(ax, pts)
+    assert sorted(text for text, _ in labels) == sorted(
         ["fedavg-full, fedavg-full-int8", "far10-attn", "far10-attn-int8", "far10-attn-long-name", "bitfit"])
-    renderer = fig.canvas.get_renderer()
-    boxes = [t.get_window_extent(renderer) for t in labels]
+    boxes = [box for _, box in labels]
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
-    plt.close(fig)
 
 
-def test_crowded_pareto_labels_keep_their_points_order():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def test_crowded_pareto_labels_keep_their_points_order(ax):
     # CoLA's far10-emb and its momentum twin: the same bytes but for a rounding, 0.3 points apart, on a log axis;
     # the lower point comes first by x, and its label must still end up under the higher point's
     pts = [(1768.6, 0.216, {"variant": "lower"}), (1769.0, 0.219, {"variant": "higher"}),
            (9086.5, 0.252, {"variant": "fedavg-full"})]
-    fig, ax = plt.subplots()
     ax.set_xscale("log")
-    for x, y, _ in pts:
-        ax.plot(x, y, "o")
     ax.set_ylim(0.18, 0.30)  # as the error bars set it: the two points' labels would overlap where they stand
-    field.annotate_apart(ax, pts)
-    renderer = fig.canvas.get_renderer()
-    box = {t.get_text(): t.get_window_extent(renderer) for t in ax.texts}
+    box = dict(_labels(ax, pts))
     assert box["higher"].y0 > box["lower"].y0 and not box["higher"].overlaps(box["lower"])
-    plt.close(fig)
