@@ -589,7 +589,9 @@ def write_main(plan: Plan, records: list[dict], benched: dict, lrs: dict[str, fl
     text = table(rows, plan.task)
     winners = {k: pareto_winners(rows, k) for k in ("mb_total", "peak_mib")}
     (plan.out / "table.md").write_text(
-        text + "\n\nPareto front (no other variant costs less, or the same within 0.1%, and ends higher): by total MB: "
+        text + "\n\nUplink and downlink per client per round are the mean training message; priming's messages "
+        "(with re-priming, every refresh sends the trainable part of the global model to every client) count in total "
+        "MB.\n\nPareto front (no other variant costs less, or the same within 0.1%, and ends higher): by total MB: "
         + ", ".join(winners["mb_total"]) + "; by peak training memory: " + ", ".join(winners["peak_mib"]) + ".\n\n"
         + goals(rows) + "\n")
     (plan.out / "results.json").write_text(json.dumps({"rows": rows, "runs": records, "lr": lrs,
