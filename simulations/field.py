@@ -189,6 +189,11 @@ def extension(finals: dict[float, float]) -> float | None:
     beyond it), else None."""
     if not finals:
         return None
+    if len(finals) > 1 and len(set(finals.values())) == 1:
+        # Every rate ties (on CoLA, BitFit never leaves the majority class at 1e-4 .. 1e-3): the metric gives no
+        # direction, so go larger, as methods that train few parameters need, then smaller once the ladder ends.
+        hi, lo = LADDER.index(max(finals)), LADDER.index(min(finals))
+        return LADDER[hi + 1] if hi + 1 < len(LADDER) else LADDER[lo - 1] if lo > 0 else None
     best = max(sorted(finals), key=lambda lr: finals[lr])
     i = LADDER.index(best)
     if best == max(finals) and i + 1 < len(LADDER):

@@ -162,6 +162,14 @@ def test_a_sweep_whose_best_rate_is_at_an_end_goes_one_step_further():
     assert field.extension({}) is None
 
 
+def test_a_flat_sweep_goes_to_larger_rates_first_then_smaller():
+    flat = {1e-4: 0.0, 3e-4: 0.0, 1e-3: 0.0}  # BitFit on CoLA: the majority class at every rate of the grid
+    assert field.extension(flat) == 3e-3
+    assert field.extension({**flat, 3e-3: 0.0, 1e-2: 0.0}) == 3e-5  # the ladder's top is reached
+    assert field.extension(dict.fromkeys(field.LADDER, 0.0)) is None  # all tried: the lowest rate is chosen
+    assert field.extension({1e-3: 0.0}) == 3e-3  # one rate alone is its own best, at the top
+
+
 def _finished(run_dir: Path, curve: list[float]) -> None:
     run_dir.mkdir(parents=True)
     (run_dir / "summary.json").write_text(json.dumps({"metric": "accuracy", "final_metric": curve[-1]}))
