@@ -190,10 +190,11 @@ def extension(finals: dict[float, float]) -> float | None:
     if not finals:
         return None
     if len(finals) > 1 and len(set(finals.values())) == 1:
-        # Every rate ties (on CoLA, BitFit never leaves the majority class at 1e-4 .. 1e-3): the metric gives no
-        # direction, so go larger, as methods that train few parameters need, then smaller once the ladder ends.
-        hi, lo = LADDER.index(max(finals)), LADDER.index(min(finals))
-        return LADDER[hi + 1] if hi + 1 < len(LADDER) else LADDER[lo - 1] if lo > 0 else None
+        # Every rate ties (on CoLA, BitFit never leaves the majority class at 1e-4 .. 1e-2): the metric gives no
+        # direction, so go larger, as methods that train few parameters need, up to the ladder's top; a smaller
+        # rate than ones that all stayed at chance is not worth a run.
+        hi = LADDER.index(max(finals))
+        return LADDER[hi + 1] if hi + 1 < len(LADDER) else None
     best = max(sorted(finals), key=lambda lr: finals[lr])
     i = LADDER.index(best)
     if best == max(finals) and i + 1 < len(LADDER):

@@ -162,11 +162,11 @@ def test_a_sweep_whose_best_rate_is_at_an_end_goes_one_step_further():
     assert field.extension({}) is None
 
 
-def test_a_flat_sweep_goes_to_larger_rates_first_then_smaller():
+def test_a_flat_sweep_goes_to_larger_rates_up_to_the_ladders_top():
     flat = {1e-4: 0.0, 3e-4: 0.0, 1e-3: 0.0}  # BitFit on CoLA: the majority class at every rate of the grid
     assert field.extension(flat) == 3e-3
-    assert field.extension({**flat, 3e-3: 0.0, 1e-2: 0.0}) == 3e-5  # the ladder's top is reached
-    assert field.extension(dict.fromkeys(field.LADDER, 0.0)) is None  # all tried: the lowest rate is chosen
+    assert field.extension({**flat, 3e-3: 0.0}) == 1e-2
+    assert field.extension({**flat, 3e-3: 0.0, 1e-2: 0.0}) is None  # the top: tuned, the tie picks 1e-4
     assert field.extension({1e-3: 0.0}) == 3e-3  # one rate alone is its own best, at the top
 
 
