@@ -126,22 +126,29 @@ def lr_grid(method: str) -> tuple[float, ...]:
 
 
 # ------------------------------------------------------------------------------------------ stages
-def bench(plan: Plan) -> dict[str, dict]:
+def bench(plan: Plan, run: bool = True) -> dict[str, dict]:
     """Step time and accounted peak memory per method (fedfar.bench, one interleaved run, ratios to `full`);
-    {method string: row}, kept in bench.json."""
+    {method string: row}, kept in bench.json. Where a planned method is missing from it and `run` allows, the whole
+    bench runs again over the stored methods and the new ones, so every ratio still comes from one run."""
     path = plan.out / "bench.json"
-    if not path.exists():
-        from fedfar.bench import format_table, run_bench, write_json
+    stored = {row["spec"]: row for row in json.loads(path.read_text())} if path.exists() else {}
+    missing = [m for m in plan.methods if m not in stored]
+    if not missing:
+        return stored
+    if not run or plan.report_only:
+        if stored:
+            print(f"bench: no figures for {', '.join(missing)}; `--stage bench` measures them", flush=True)
+        return stored
+    from fedfar.bench import format_table, run_bench, write_json
 
-        cfg = run_config_values(plan.config)
-        methods = ["full", *[m for m in plan.methods if m != "full"]]
-        print(f"=== bench: {', '.join(methods)} at batch {cfg['batch-size']} x {cfg['max-length']} tokens ===",
-              flush=True)
-        rows = run_bench(cfg["model"], methods, cfg["batch-size"], cfg["max-length"], repeats=7)
-        for method, row in zip(methods, rows):
-            row["spec"] = method
-        print(format_table(rows), flush=True)
-        write_json(rows, path)
+    cfg = run_config_values(plan.config)
+    methods = ["full", *[m for m in dict.fromkeys([*stored, *plan.methods]) if m != "full"]]
+    print(f"=== bench: {', '.join(methods)} at batch {cfg['batch-size']} x {cfg['max-length']} tokens ===", flush=True)
+    rows = run_bench(cfg["model"], methods, cfg["batch-size"], cfg["max-length"], repeats=7)
+    for method, row in zip(methods, rows):
+        row["spec"] = method
+    print(format_table(rows), flush=True)
+    write_json(rows, path)
     return {row["spec"]: row for row in json.loads(path.read_text())}
 
 
@@ -537,8 +544,7 @@ def pareto_winners(rows: list[dict], key: str) -> list[str]:
 # ------------------------------------------------------------------------------------------ main
 def run_task(plan: Plan, stage: str, progress: Progress) -> None:
     plan.out.mkdir(parents=True, exist_ok=True)
-    run_bench = stage in ("all", "bench") or (plan.out / "bench.json").exists()  # report: only a bench that ran
-    benched = bench(plan) if run_bench else {}
+    benched = bench(plan, run=stage in ("all", "bench"))  # the other stages read the bench that ran
     if stage == "bench":
         return
     if plan.sweep:  # the later stages read the sweep's runs, they do not run what is missing

@@ -270,3 +270,26 @@ def test_crowded_pareto_labels_keep_their_points_order(ax):
     ax.set_ylim(0.18, 0.30)  # as the error bars set it: the two points' labels would overlap where they stand
     box = dict(_labels(ax, pts))
     assert box["higher"].y0 > box["lower"].y0 and not box["higher"].overlaps(box["lower"])
+
+
+def test_a_bench_missing_a_planned_method_runs_again_over_every_method_so_ratios_share_one_run(tmp_path, capsys):
+    config = tmp_path / "tiny.toml"
+    config.write_text('model = "random:bert-tiny"\nbatch-size = 2\nmax-length = 8\n')
+
+    def plan(*variants):
+        return field.Plan("sst2", str(config), 2, 0, (0,), variants, tmp_path)
+
+    path = tmp_path / "bench.json"
+    assert field.bench(plan("fedavg-full", "far10-emb"), run=False) == {}  # a stage that only reads: no bench yet
+    assert not path.exists()
+    first = field.bench(plan("fedavg-full", "far10-emb"))
+    assert list(first) == ["full", "far10-emb"] and first["full"]["time_ratio"] == 1.0
+    assert field.bench(plan("fedavg-full"), run=True) == first  # nothing missing: nothing runs
+    assert field.bench(plan("fedavg-full", "lora8"), run=False) == first  # a reading stage names what is missing
+    assert "no figures for lora8; `--stage bench` measures them" in capsys.readouterr().out
+    # Adding LoRA re-benches all three in one run: far10-emb is measured again beside it, not kept from the old run.
+    second = field.bench(plan("fedavg-full", "lora8"))
+    assert list(second) == ["full", "far10-emb", "lora8"]
+    assert json.loads(path.read_text()) == list(second.values())
+    assert second["far10-emb"]["step_times_s"] != first["far10-emb"]["step_times_s"]
+    assert second["lora8"]["trainable_params"] < second["far10-emb"]["trainable_params"] < second["full"]["trainable_params"]
