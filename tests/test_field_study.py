@@ -277,7 +277,7 @@ def test_a_bench_missing_a_planned_method_runs_again_over_every_method_so_ratios
     config.write_text('model = "random:bert-tiny"\nbatch-size = 2\nmax-length = 8\n')
 
     def plan(*variants):
-        return field.Plan("sst2", str(config), 2, 0, (0,), variants, tmp_path)
+        return field.Plan("sst2", str(config), 2, 0, (0,), variants, tmp_path, fleet=False)
 
     path = tmp_path / "bench.json"
     assert field.bench(plan("fedavg-full", "far10-emb"), run=False) == {}  # a stage that only reads: no bench yet
@@ -293,3 +293,8 @@ def test_a_bench_missing_a_planned_method_runs_again_over_every_method_so_ratios
     assert json.loads(path.read_text()) == list(second.values())
     assert second["far10-emb"]["step_times_s"] != first["far10-emb"]["step_times_s"]
     assert second["lora8"]["trainable_params"] < second["far10-emb"]["trainable_params"] < second["full"]["trainable_params"]
+    # --report names what is missing and runs nothing; a study with the fleet stage benches the fleet's far10-emb.
+    report = field.Plan("sst2", str(config), 2, 0, (0,), ("bitfit",), tmp_path, report_only=True)
+    assert field.bench(report) == second and "no figures for bitfit" in capsys.readouterr().out
+    assert list(field.bench(field.Plan("sst2", str(config), 2, 0, (0,), ("bitfit",), tmp_path / "f"))) == [
+        "full", "bitfit", "far10-emb"]
