@@ -123,6 +123,7 @@ def test_the_fleet_stage_reads_simulated_time_to_fedavg_fulls_final_metric():
     def run(variant, seed, curve, seconds_per_round):
         r = _run(variant, "full" if variant == "fedavg-full" else "far10-emb", seed, curve, 10.0)
         r["sim_cum"] = [seconds_per_round * i for i in range(len(curve))]
+        r.update(sim_client_s=seconds_per_round * (len(curve) - 1), sim_compute_s=seconds_per_round / 2)
         return r
 
     records = [run("fedavg-full", 0, [0.5, 0.7, 0.80, 0.82], 600.0),
@@ -139,7 +140,8 @@ def test_the_fleet_stage_reads_simulated_time_to_fedavg_fulls_final_metric():
     # 0.83) only at its last round.
     assert far["sim_to_within_1pt"] == 400.0 and full["sim_to_within_1pt"] == 1800.0
     text = field.fleet_table(list(rows.values()))
-    assert "| far10-emb (0.0001) | 0.840 +- 0.014 (2) | 10.0 min | 6.7 min | 0.22 | 6.7 min | 0.22 | 30 |" in text
+    assert ("| far10-emb (0.0001) | 0.840 +- 0.014 (2) | 10.0 min | 6.7 min | 0.22 | 6.7 min | 0.22 | "
+            "200 of 1200 (17%) | 30 |") in text  # client time summed over both seeds: 2 x 600 s, 2 x 100 s local compute
     assert field.goals([far], fleet=True).splitlines()[1:] == [
         "- far10-emb: FedAvg-full's final metric in 0.22x its simulated time (within 1 point of it in 0.22x): "
         "goal met (2 seeds)"]
@@ -149,7 +151,8 @@ def test_the_fleet_stage_reads_simulated_time_to_fedavg_fulls_final_metric():
     rows = {r["variant"]: r for r in field.fleet_summary(field.summarize(records, {}))}
     far = rows["far10-emb"]
     assert far["sim_ratio"] == float("inf") and far["sim_to_within_1pt"] == 600.0
-    assert "| 10.0 min | not reached |  | 10.0 min | 0.33 | 30 |" in field.fleet_table(list(rows.values()))
+    assert "| 10.0 min | not reached |  | 10.0 min | 0.33 | 200 of 1200 (17%) | 30 |" in field.fleet_table(
+        list(rows.values()))
     assert field.goals([far], fleet=True).endswith(
         "never reached FedAvg-full's final metric (within 1 point of it in 0.33x): goal not met (2 seeds)")
 
