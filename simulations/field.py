@@ -133,7 +133,8 @@ def bench(plan: Plan, run: bool = True) -> dict[str, dict]:
     path = plan.out / "bench.json"
     stored = {row["spec"]: row for row in json.loads(path.read_text())} if path.exists() else {}
     fleet = [VARIANTS[v][0] for v in FLEET_VARIANTS] if plan.fleet else []  # the fleet runs far10-emb in any study
-    missing = [m for m in dict.fromkeys([*plan.methods, *fleet]) if m not in stored]
+    planned = list(dict.fromkeys([*plan.methods, *fleet]))
+    missing = [m for m in planned if m not in stored]
     if not missing:
         return stored
     if not run or plan.report_only:
@@ -143,7 +144,7 @@ def bench(plan: Plan, run: bool = True) -> dict[str, dict]:
     from fedfar.bench import format_table, run_bench, write_json
 
     cfg = run_config_values(plan.config)
-    methods = ["full", *[m for m in dict.fromkeys([*stored, *plan.methods, *fleet]) if m != "full"]]
+    methods = ["full", *[m for m in dict.fromkeys([*stored, *planned]) if m != "full"]]
     print(f"=== bench: {', '.join(methods)} at batch {cfg['batch-size']} x {cfg['max-length']} tokens ===", flush=True)
     rows = run_bench(cfg["model"], methods, cfg["batch-size"], cfg["max-length"], repeats=7)
     for method, row in zip(methods, rows):
